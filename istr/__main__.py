@@ -1,0 +1,5 @@
+import sys
+
+from istr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""``istr`` entry point: subcommands dispatch to the library; no logic here (DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from istr.data.synth import generate_synthetic_coco
+
+    summary = generate_synthetic_coco(
+        Path(args.out),
+        args.train,
+        args.val,
+        seed=args.seed,
+        image_size=args.size,
+        min_instances=args.min_instances,
+        max_instances=args.max_instances,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def _fit_codec(args: argparse.Namespace) -> None:
+    from istr.codecs.fit import fit_or_load_codec
+    from istr.config import load_config
+    from istr.data.build import build_dataset, ensure_dataset, split_paths
+
+    cfg = load_config(args.config, args.overrides)
+    ensure_dataset(cfg.data)
+    train_set = build_dataset(cfg.data, "train", train=False)
+    codec, stats, path = fit_or_load_codec(
+        cfg.codec, split_paths(cfg.data, "train")[0], train_set.coco, Path(cfg.cache_dir), cfg.seed
+    )
+    if args.out:
+        codec.save(Path(args.out))
+        path = Path(args.out)
+    print(json.dumps({"codec": path.as_posix(), **stats}, indent=2))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from istr.config import config_hash, load_config
+    from istr.engine.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config_hash(cfg)}"
+    metrics = train(cfg, out, resume=args.resume)
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+        print(f"run dir: {out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from istr.engine.predict import load_run
+    from istr.engine.train import evaluate_run
+
+    run = load_run(Path(args.run), args.device)
+    print(json.dumps(evaluate_run(run.cfg, run.model, run.codec, run.device, Path(args.run)), indent=2))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from istr.engine.predict import load_run, predict_images
+
+    run = load_run(Path(args.run), args.device)
+    for path in predict_images(run, [Path(p) for p in args.images], Path(args.out), args.score_threshold):
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="istr", description="ISTR instance segmentation workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate a COCO-format synthetic shapes dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--min-instances", type=int, default=1)
+    p.add_argument("--max-instances", type=int, default=8)
+    p.set_defaults(func=_synth)
+
+    for name, func, helptext in (
+        ("fit-codec", _fit_codec, "fit (or load from cache) the mask codec"),
+        ("train", _train, "train + evaluate one model"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="preset YAML, e.g. experiments/tiny.yaml")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        p.add_argument("--out", default=None, help="run dir (train) or codec file (fit-codec)")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="COCO-evaluate a run dir on its val split -> eval.json")
+    p.add_argument("--run", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="draw prediction overlays for image files")
+    p.add_argument("--run", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from istr.config import ConfigError
+    from istr.data.coco import DatasetError
+    from istr.engine.train import NonFiniteLossError
+
+    try:
+        args.func(args)
+    except (ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
+        print(f"istr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

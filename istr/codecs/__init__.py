@@ -1,0 +1,44 @@
+"""Mask codecs behind one interface (ISTR_SPEC §1; DESIGN.md contract "Codec").
+
+``CODECS`` maps the config name ``codec.type`` to its class; adding a codec is
+one ``MaskCodec`` subclass plus one line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from istr.codecs.ae import AECodec
+from istr.codecs.base import MaskCodec, load_codec, mask_iou
+from istr.codecs.dct import DCTCodec
+from istr.codecs.pca import PCACodec
+from istr.codecs.sparse import SparseCodec
+
+CODECS: dict[str, type[MaskCodec]] = {
+    "pca": PCACodec,
+    "dct": DCTCodec,
+    "sparse": SparseCodec,
+    "ae": AECodec,
+}
+
+
+def build_codec(type: str, dim: int, **params: Any) -> MaskCodec:
+    """Build an unfitted codec ``CODECS[type](dim=dim, **params)``; unknown ``type`` -> ValueError."""
+    try:
+        cls = CODECS[type]
+    except KeyError:
+        raise ValueError(f"unknown codec type {type!r}; valid: {', '.join(sorted(CODECS))}") from None
+    return cls(dim=dim, **params)
+
+
+__all__ = [
+    "CODECS",
+    "AECodec",
+    "DCTCodec",
+    "MaskCodec",
+    "PCACodec",
+    "SparseCodec",
+    "build_codec",
+    "load_codec",
+    "mask_iou",
+]

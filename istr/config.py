@@ -1,0 +1,255 @@
+"""Typed configuration: the ONLY reader of YAML in the project (DESIGN.md, "Config").
+
+One schema of nested dataclasses whose defaults are the paper's values (ISTR_SPEC §4-5).
+Presets in ``experiments/`` override it, ``key.sub=value`` strings override the preset, and an
+unknown key is an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class SynthConfig:
+    """Generated shapes dataset, made under ``data.root`` when missing (``istr synth``)."""
+
+    enabled: bool = False
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 128
+    min_instances: int = 1
+    max_instances: int = 8
+    min_object_frac: float = 0.08
+    max_object_frac: float = 0.6
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """COCO-format data; paths other than ``root`` are relative to ``root``."""
+
+    root: str = "datasets/coco"
+    train_json: str = "annotations/instances_train2017.json"
+    train_images: str = "train2017"
+    val_json: str = "annotations/instances_val2017.json"
+    val_images: str = "val2017"
+    # ISTR_SPEC §5: multi-scale training, test short side 800 / max 1333.
+    train_short_sizes: list[int] = field(
+        default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+    )
+    train_max_size: int = 1333
+    test_short_size: int = 800
+    test_max_size: int = 1333
+    flip_prob: float = 0.5
+    size_divisibility: int = 32
+    num_workers: int = 2
+    validate: bool = True
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class CodecConfig:
+    """Mask embedding (ISTR_SPEC §1): ``type`` is an ablation axis, ``dim`` is l."""
+
+    type: str = "pca"
+    dim: int = 60
+    mask_size: int = 28
+    max_fit_masks: int = 200_000
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """ISTR architecture (ISTR_SPEC §4)."""
+
+    backbone: str = "resnet50"
+    pretrained: str = ""  # optional LOCAL path to torchvision ResNet weights; never downloaded
+    norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn (from scratch)
+    hidden_dim: int = 256
+    num_queries: int = 300
+    num_stages: int = 6
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dynamic_dim: int = 64
+    pooler_resolution: int = 7
+    pooler_sampling_ratio: int = 2
+    mask_head_layers: int = 3
+    attention: str = "self+dynamic"
+    prior_prob: float = 0.01
+    dropout: float = 0.0
+
+
+@dataclass
+class MatcherConfig:
+    """Matching cost of ISTR_SPEC §2; ``mask_cost`` is an ablation axis."""
+
+    mask_cost: str = "cosine"
+    cost_class: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    cost_mask: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class LossConfig:
+    """Set prediction loss of ISTR_SPEC §3; ``mask`` is an ablation axis."""
+
+    mask: str = "l2+dice"
+    weight_class: float = 2.0
+    weight_l1: float = 5.0
+    weight_giou: float = 2.0
+    weight_mask: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    deep_supervision: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (ISTR_SPEC §5)."""
+
+    max_steps: int = 270_000
+    batch_size: int = 16  # global batch; split across DDP ranks
+    lr: float = 2.5e-5
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.01
+    lr_steps: list[int] = field(default_factory=lambda: [210_000, 250_000])
+    lr_gamma: float = 0.1
+    clip_grad_norm: float = 1.0
+    checkpoint_every: int = 5000
+    log_every: int = 20
+    eval_every: int = 0  # 0 = evaluate only at the end
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+
+
+@dataclass
+class EvalConfig:
+    """Inference (ISTR_SPEC §4, "Inference") and COCOeval settings."""
+
+    max_detections: int = 100
+    mask_threshold: float = 0.5
+    batch_size: int = 8
+
+
+@dataclass
+class LoggingConfig:
+    """Sinks; W&B runs offline unless the user logged in and sets mode=online."""
+
+    wandb: bool = True
+    wandb_project: str = "istr"
+    wandb_entity: str = ""
+    wandb_mode: str = "offline"
+    wandb_group: str = ""
+    wandb_job_type: str = "train"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    cache_dir: str = "runs/cache"
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if isinstance(value, (dict, DictConfig)) and key != "params":
+            keys.extend(_all_keys(value, dotted + "."))
+    return keys
+
+
+def _unknown_key_error(bad_key: str, source: str) -> ConfigError:
+    valid = _all_keys(OmegaConf.structured(Config))
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{bad_key}' in {source}{hint}")
+
+
+def _merge(base: DictConfig, other: Any, source: str, full_key: str | None = None) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        raise _unknown_key_error(full_key or err.full_key or str(err.key), source) from None
+    except ValidationError as err:
+        raise ConfigError(f"bad value for '{err.full_key}' in {source}: {err.msg}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML preset at ``path`` <- ``key.sub=value`` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key = item.split("=", 1)[0]
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", key)
+    OmegaConf.set_readonly(cfg, False)
+    result: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate_choices(result)
+    return result
+
+
+def validate_choices(cfg: Config) -> None:
+    """Reject an unknown ablation arm at config time, listing the valid names."""
+    from istr.codecs import CODECS
+    from istr.losses import MASK_LOSSES
+    from istr.matcher import MASK_COSTS
+    from istr.model.head import ATTENTIONS
+
+    choices = {
+        "codec.type": (cfg.codec.type, CODECS),
+        "matcher.mask_cost": (cfg.matcher.mask_cost, MASK_COSTS),
+        "loss.mask": (cfg.loss.mask, MASK_LOSSES),
+        "model.attention": (cfg.model.attention, ATTENTIONS),
+    }
+    for key, (value, registry) in choices.items():
+        if value not in registry:
+            raise ConfigError(f"{key}={value!r} is not a known arm; valid: {', '.join(sorted(registry))}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """Identity of a run: hash of the resolved config (DESIGN.md, "Config")."""
+    payload = json.dumps(to_dict(cfg), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,36 @@
+"""Checkpoints: written atomically, loaded for ``--resume`` (DESIGN.md, run dir contract)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from istr.io import atomic_torch_save
+
+
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    extra: dict | None = None,
+) -> None:
+    atomic_torch_save(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            **(extra or {}),
+        },
+    )
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train first or drop --resume")
+    return torch.load(path, map_location=map_location, weights_only=False)

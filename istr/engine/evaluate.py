@@ -1,0 +1,95 @@
+"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (ISTR_SPEC §6)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from istr.model.inference import postprocess
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+
+
+def to_coco_results(prediction: dict, image_id: int, category_ids: list[int]) -> list[dict]:
+    """One image's predictions -> COCO result records (xywh boxes, compressed RLE masks)."""
+    if prediction["scores"].numel() == 0:
+        return []
+    masks = prediction["masks"].cpu().numpy().astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    boxes = prediction["boxes"].cpu().clone()
+    boxes[:, 2:] -= boxes[:, :2]
+    records = []
+    for rle, box, score, label in zip(
+        rles, boxes.tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()
+    ):
+        rle["counts"] = rle["counts"].decode("ascii")
+        records.append(
+            {"image_id": image_id, "category_id": category_ids[label], "bbox": box, "score": score, "segmentation": rle}
+        )
+    return records
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: torch.nn.Module,
+    codec: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    category_ids: list[int],
+    max_detections: int = 100,
+    mask_threshold: float = 0.5,
+    progress: bool = True,
+) -> list[dict]:
+    model.eval()
+    results: list[dict] = []
+    for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True, mininterval=2.0):
+        images = batch["images"].to(device, non_blocking=True)
+        image_sizes = batch["image_sizes"].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = model(images, image_sizes)
+        orig_sizes = torch.tensor([t["orig_size"] for t in batch["targets"]])
+        predictions = postprocess(outputs, codec, image_sizes, orig_sizes, max_detections, mask_threshold)
+        for prediction, target in zip(predictions, batch["targets"]):
+            results.extend(to_coco_results(prediction, int(target["image_id"]), category_ids))
+    return results
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict]) -> tuple[dict[str, dict[str, float | None]], str]:
+    """COCOeval on both IoU types -> ({"bbox": {...}, "segm": {...}} in percent, printed summary).
+
+    A metric COCOeval cannot compute (no GT in that size range) is None, never 0.
+    """
+    metrics: dict[str, dict[str, float | None]] = {}
+    text = io.StringIO()
+    for iou_type in IOU_TYPES:
+        if not results:
+            metrics[iou_type] = {name: 0.0 for name in STAT_NAMES}
+            continue
+        records = copy.deepcopy(results)  # loadRes mutates its input
+        if iou_type == "segm":
+            # As detectron2: without a bbox, COCOeval sizes detections by mask area, not box area.
+            for record in records:
+                record.pop("bbox", None)
+        with contextlib.redirect_stdout(text):
+            coco_dt = coco_gt.loadRes(records)
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            print(f"== {iou_type} ==")
+            evaluator.summarize()
+        metrics[iou_type] = {
+            name: (None if value < 0 or math.isnan(value) else round(100 * float(value), 3))
+            for name, value in zip(STAT_NAMES, evaluator.stats[:6])
+        }
+    return metrics, text.getvalue()

@@ -1,0 +1,292 @@
+"""Training loop as plain functions (DESIGN.md, "Engine"): build -> train_step* -> evaluate.
+
+AdamW, linear warmup + multi-step decay, grad-norm clipping, bf16 autocast on CUDA, DDP under
+torchrun, atomic checkpoints, exact resume (ISTR_SPEC §5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from istr.codecs import MaskCodec, load_codec
+from istr.codecs.fit import fit_or_load_codec
+from istr.config import Config, config_hash, to_dict, to_yaml
+from istr.data.build import build_dataset, build_eval_loader, build_train_loader, ensure_dataset, split_paths
+from istr.engine import dist as D
+from istr.engine.checkpoint import load_checkpoint, save_checkpoint
+from istr.engine.evaluate import coco_evaluate, predict_dataset
+from istr.engine.sinks import JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
+from istr.io import atomic_write_json, atomic_write_text
+from istr.losses import SetCriterion, build_criterion, loss_weights, weighted_sum
+from istr.matcher import build_matcher
+from istr.model import build_model
+from istr.targets import prepare_targets
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list[int], gamma: float) -> float:
+    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (ISTR_SPEC §5)."""
+    factor = gamma ** sum(step >= s for s in lr_steps)
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(
+    model: torch.nn.Module, train_cfg
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            step, train_cfg.warmup_steps, train_cfg.warmup_factor, list(train_cfg.lr_steps), train_cfg.lr_gamma
+        ),
+    )
+    return optimizer, scheduler
+
+
+@dataclass
+class TrainState:
+    """Everything a training step touches."""
+
+    model: torch.nn.Module
+    codec: MaskCodec
+    criterion: SetCriterion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    weights: dict[str, float]
+    device: torch.device
+    amp: bool
+    clip_grad_norm: float
+
+
+def train_step(state: TrainState, batch: dict) -> dict[str, float]:
+    """One optimisation step; returns the (rank-averaged) weighted loss and its terms."""
+    device = state.device
+    images = batch["images"].to(device, non_blocking=True)
+    image_sizes = batch["image_sizes"].to(device)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = prepare_targets(batch["targets"], image_sizes, state.codec, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.amp):
+        outputs = state.model(images, image_sizes)
+    losses = state.criterion(outputs, targets)
+    loss = weighted_sum(losses, state.weights)
+    # Every rank must agree on skipping, so the finiteness check uses the all-reduced loss.
+    reduced = D.all_reduce_mean(loss.detach())
+    if not torch.isfinite(reduced):
+        raise NonFiniteLossError(
+            f"non-finite loss {reduced.item()} (terms: { {k: round(v.item(), 4) for k, v in losses.items()} })"
+        )
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    metrics = {k: v.item() for k, v in losses.items() if "_s" not in k}
+    metrics.update(loss=reduced.item(), grad_norm=float(grad_norm), lr=state.optimizer.param_groups[0]["lr"])
+    return metrics
+
+
+def prepare_codec(cfg: Config, run_dir: Path, train_set, info: D.DistInfo) -> MaskCodec:
+    """Rank 0 fits (or loads from the cache) the codec into run_dir/codec.pt; other ranks load it."""
+    codec_path = run_dir / "codec.pt"
+    if info.is_main and not codec_path.is_file():
+        json_path, _ = split_paths(cfg.data, "train")
+        codec, stats, cached = fit_or_load_codec(cfg.codec, json_path, train_set.coco, Path(cfg.cache_dir), cfg.seed)
+        codec.save(codec_path)
+        atomic_write_json(run_dir / "codec_stats.json", {**stats, "cache": str(cached)})
+        log.info(
+            "codec %s-%d: reconstruction mask IoU %.3f on %d train masks",
+            cfg.codec.type,
+            cfg.codec.dim,
+            stats.get("mask_iou", math.nan),
+            int(stats.get("n_masks", 0)),
+        )
+    D.barrier()
+    return load_codec(codec_path)
+
+
+def build_sinks(cfg: Config, run_dir: Path, start_step: int, info: D.DistInfo) -> tuple[Sink, WandbSink | None]:
+    if not info.is_main:
+        return Sink(), None
+    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.logging.progress:
+        sinks.append(ProgressSink(cfg.train.max_steps, start_step))
+    wandb_sink = None
+    if cfg.logging.wandb:
+        lc = cfg.logging
+        wandb_sink = WandbSink(
+            run_dir,
+            to_dict(cfg),
+            lc.wandb_project,
+            lc.wandb_entity,
+            lc.wandb_mode,
+            lc.wandb_group,
+            lc.wandb_job_type,
+            run_dir.name,
+        )
+        sinks.append(wandb_sink)
+    return MultiSink(sinks), wandb_sink
+
+
+def evaluate_run(cfg: Config, model: torch.nn.Module, codec: MaskCodec, device: torch.device, run_dir: Path) -> dict:
+    """COCOeval on the val split -> run_dir/eval.json (percent)."""
+    val_set = build_dataset(cfg.data, "val", train=False)
+    loader = build_eval_loader(val_set, cfg.data, cfg.eval.batch_size)
+    results = predict_dataset(
+        model,
+        codec,
+        loader,
+        device,
+        val_set.category_ids,
+        cfg.eval.max_detections,
+        cfg.eval.mask_threshold,
+        cfg.logging.progress,
+    )
+    metrics, summary = coco_evaluate(val_set.coco, results)
+    atomic_write_json(run_dir / "eval.json", metrics)
+    atomic_write_text(run_dir / "eval.txt", summary)
+    return metrics
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Train ``cfg`` into ``run_dir`` (fresh, or resumed from checkpoints/last.pt) and evaluate."""
+    info = D.init_distributed(cfg.train.device)
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if info.is_main:
+        if not resume and ckpt_path.exists():
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_json(
+            run_dir / "run.json",
+            {"config_hash": config_hash(cfg), "world_size": info.world_size, "device": str(info.device)},
+        )
+        ensure_dataset(cfg.data)
+    D.barrier()
+    if cfg.train.num_threads and info.device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.seed)
+
+    train_set = build_dataset(cfg.data, "train", train=True)
+    codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
+    model = build_model(cfg.model, train_set.num_classes, codec.dim).to(info.device)
+    if info.device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    start_step = 0
+    if resume:
+        checkpoint = load_checkpoint(ckpt_path, info.device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_step = checkpoint["step"]
+    train_model = model
+    if info.world_size > 1:
+        train_model = DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    matcher = build_matcher(cfg.matcher, codec)
+    state = TrainState(
+        train_model,
+        codec,
+        build_criterion(cfg.loss, matcher, codec),
+        optimizer,
+        scheduler,
+        loss_weights(cfg.loss),
+        info.device,
+        cfg.train.amp and info.device.type == "cuda",
+        cfg.train.clip_grad_norm,
+    )
+
+    batch_per_rank = max(1, cfg.train.batch_size // info.world_size)
+    loader = build_train_loader(
+        train_set,
+        cfg.data,
+        batch_per_rank,
+        cfg.seed,
+        info.rank,
+        info.world_size,
+        start_step,
+        pin_memory=info.device.type == "cuda",
+    )
+    sink, wandb_sink = build_sinks(cfg, run_dir, start_step, info)
+    step, started, window_start, window_images = start_step, time.perf_counter(), time.perf_counter(), 0
+    try:
+        model.train()
+        batches = iter(loader)
+        while step < cfg.train.max_steps:
+            batch = next(batches)
+            try:
+                metrics = train_step(state, batch)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"step {step + 1}: {err}; last good checkpoint kept at {ckpt_path}") from None
+            step += 1
+            window_images += len(batch["targets"]) * info.world_size
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics["img_per_s"] = window_images / max(elapsed, 1e-9)
+                sink.log(step, metrics)
+                window_start, window_images = time.perf_counter(), 0
+            if info.is_main and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, step)
+            if (
+                cfg.train.eval_every
+                and step % cfg.train.eval_every == 0
+                and step < cfg.train.max_steps
+                and info.is_main
+            ):
+                metrics_eval = evaluate_run(cfg, model, codec, info.device, run_dir)
+                sink.log(
+                    step, {f"eval/{t}_{k}": v for t, m in metrics_eval.items() for k, v in m.items() if v is not None}
+                )
+                model.train()
+        train_seconds = time.perf_counter() - started
+        D.barrier()
+        result: dict = {}
+        if info.is_main:
+            result = evaluate_run(cfg, model, codec, info.device, run_dir)
+            flat = {f"{t}_{k}": v for t, m in result.items() for k, v in m.items()}
+            sink.summary({**flat, "train_seconds": train_seconds, "steps": step})
+            atomic_write_json(
+                run_dir / "train_summary.json",
+                {
+                    "steps": step,
+                    "train_seconds": train_seconds,
+                    "device": str(info.device),
+                    "world_size": info.world_size,
+                    "wandb_run_id": wandb_sink.run_id if wandb_sink else None,
+                    "img_per_s": (step - start_step) * cfg.train.batch_size / max(train_seconds, 1e-9),
+                },
+            )
+        D.barrier()
+        return result
+    finally:
+        sink.close()
+        D.cleanup()

@@ -1,0 +1,3 @@
+from istr.model.istr import ISTR, build_model
+
+__all__ = ["ISTR", "build_model"]

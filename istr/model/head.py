@@ -1,0 +1,164 @@
+"""One refinement stage of ISTR: self-attention + dynamic attention + FFN + heads (ISTR_SPEC §4).
+
+The attention type is an ablation axis (ISTR_SPEC §7.4), chosen from ``ATTENTIONS``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+# detectron2's Box2BoxTransform clamp: exp() of larger deltas would overflow.
+_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+class DynamicConv(nn.Module):
+    """Dynamic attention of a query to its RoI (ISTR_SPEC §4.2, Sparse R-CNN's DynamicConv).
+
+    A linear layer turns the query feature into the parameters of two 1x1 convs
+    (d -> dynamic_dim -> d) applied to that query's RoI features, then flatten + Linear to d.
+    """
+
+    def __init__(self, hidden_dim: int, dynamic_dim: int, pooler_resolution: int) -> None:
+        super().__init__()
+        self.hidden_dim, self.dynamic_dim = hidden_dim, dynamic_dim
+        self.dynamic_layer = nn.Linear(hidden_dim, 2 * hidden_dim * dynamic_dim)
+        self.norm1 = nn.LayerNorm(dynamic_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
+
+    def conv_params(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        params = self.dynamic_layer(queries)
+        split = self.hidden_dim * self.dynamic_dim
+        first = params[:, :split].view(-1, self.hidden_dim, self.dynamic_dim)
+        second = params[:, split:].view(-1, self.dynamic_dim, self.hidden_dim)
+        return first, second
+
+    def forward(self, queries: Tensor, roi_features: Tensor) -> Tensor:
+        """queries [N, d], roi_features [N, S*S, d] -> [N, d]."""
+        first, second = self.conv_params(queries)
+        x = torch.relu(self.norm1(torch.bmm(roi_features, first)))
+        x = torch.relu(self.norm2(torch.bmm(x, second)))
+        return torch.relu(self.norm3(self.out_layer(x.flatten(1))))
+
+
+class StaticConv(DynamicConv):
+    """The ``self`` arm's RoI fusion: the same two 1x1 convs with static learned weights.
+
+    Without dynamic attention a query still needs its RoI, so the parameters are plain
+    learnable tensors shared by all queries instead of being generated from the query feature.
+    """
+
+    def __init__(self, hidden_dim: int, dynamic_dim: int, pooler_resolution: int) -> None:
+        super().__init__(hidden_dim, dynamic_dim, pooler_resolution)
+        del self.dynamic_layer
+        self.first = nn.Parameter(torch.empty(hidden_dim, dynamic_dim))
+        self.second = nn.Parameter(torch.empty(dynamic_dim, hidden_dim))
+        nn.init.kaiming_uniform_(self.first, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.second, a=math.sqrt(5))
+
+    def conv_params(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        n = queries.shape[0]
+        return self.first.expand(n, -1, -1), self.second.expand(n, -1, -1)
+
+
+# name -> (multi-head self-attention among queries?, query-to-RoI interaction module)
+ATTENTIONS: dict[str, tuple[bool, type[DynamicConv]]] = {
+    "self+dynamic": (True, DynamicConv),
+    "self": (True, StaticConv),
+    "dynamic": (False, DynamicConv),
+}
+
+
+def _mlp_tower(dim: int, layers: int, activation: type[nn.Module]) -> nn.Sequential:
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), activation()]
+    return nn.Sequential(*blocks)
+
+
+def apply_deltas(deltas: Tensor, boxes: Tensor, weights: tuple[float, ...] = (2.0, 2.0, 1.0, 1.0)) -> Tensor:
+    """Refine x1y1x2y2 ``boxes`` by (dx, dy, dw, dh) deltas with weights (2,2,1,1) (ISTR_SPEC §4)."""
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx, dy = deltas[:, 0] / wx, deltas[:, 1] / wy
+    dw = (deltas[:, 2] / ww).clamp(max=_SCALE_CLAMP)
+    dh = (deltas[:, 3] / wh).clamp(max=_SCALE_CLAMP)
+    pred_ctr_x = dx * widths + ctr_x
+    pred_ctr_y = dy * heights + ctr_y
+    pred_w = torch.exp(dw) * widths
+    pred_h = torch.exp(dh) * heights
+    return torch.stack(
+        [pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h],
+        dim=1,
+    )
+
+
+class ISTRStage(nn.Module):
+    """Stage i of the N-step recurrent refinement: queries + RoI features -> class, box, embedding."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        code_dim: int,
+        hidden_dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dynamic_dim: int,
+        pooler_resolution: int,
+        attention: str,
+        mask_head_layers: int = 3,
+        dropout: float = 0.0,
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTIONS)}")
+        use_self_attention, interaction = ATTENTIONS[attention]
+        self.self_attn = (
+            nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+            if use_self_attention
+            else None
+        )
+        self.norm_attn = nn.LayerNorm(hidden_dim) if use_self_attention else None
+        self.interaction = interaction(hidden_dim, dynamic_dim, pooler_resolution)
+        self.norm_interaction = nn.LayerNorm(hidden_dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, hidden_dim)
+        )
+        self.norm_ffn = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.cls_tower = _mlp_tower(hidden_dim, 1, lambda: nn.ReLU(inplace=True))
+        self.reg_tower = _mlp_tower(hidden_dim, 3, lambda: nn.ReLU(inplace=True))
+        # Mask head: 3 x (Linear-LN-ELU) + Linear -> l-d embedding (ISTR_SPEC §4, "Heads").
+        self.mask_tower = _mlp_tower(hidden_dim, mask_head_layers, nn.ELU)
+        self.class_logits = nn.Linear(hidden_dim, num_classes)
+        self.box_deltas = nn.Linear(hidden_dim, 4)
+        self.code_head = nn.Linear(hidden_dim, code_dim)
+        nn.init.constant_(self.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.zeros_(self.box_deltas.weight)
+        nn.init.zeros_(self.box_deltas.bias)
+
+    def forward(self, queries: Tensor, roi_features: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+        """queries [B,k,d], roi_features [B*k, S*S, d], boxes [B,k,4] (detached) -> stage outputs."""
+        batch, k, dim = queries.shape
+        if self.self_attn is not None:
+            attended = self.self_attn(queries, queries, queries, need_weights=False)[0]
+            queries = self.norm_attn(queries + self.dropout(attended))
+        flat = queries.reshape(batch * k, dim)
+        flat = self.norm_interaction(flat + self.dropout(self.interaction(flat, roi_features)))
+        flat = self.norm_ffn(flat + self.dropout(self.ffn(flat)))
+        deltas = self.box_deltas(self.reg_tower(flat))
+        new_boxes = apply_deltas(deltas, boxes.reshape(-1, 4))
+        return {
+            "queries": flat.view(batch, k, dim),
+            "logits": self.class_logits(self.cls_tower(flat)).view(batch, k, -1),
+            "boxes": new_boxes.view(batch, k, 4),
+            "codes": self.code_head(self.mask_tower(flat)).view(batch, k, -1),
+        }

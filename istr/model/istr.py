@@ -1,0 +1,114 @@
+"""ISTR: learnable query boxes/features refined over N stages (ISTR_SPEC §4, Fig. 2).
+
+The model predicts mask *embeddings*; it never sees the codec. The criterion and the inference
+path (``istr.model.inference``) decode them (DESIGN.md, "Codec is injected").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign
+
+from istr.model.backbone import LEVEL_NAMES, BackboneFPN
+from istr.model.head import ISTRStage
+
+# torchvision's ImageNet statistics, on 0-255 pixels.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class ISTR(nn.Module):
+    """Backbone+FPN -> k queries -> N stages; returns the last stage's outputs plus ``aux`` stages."""
+
+    def __init__(
+        self,
+        backbone: BackboneFPN,
+        num_classes: int,
+        code_dim: int,
+        num_queries: int = 300,
+        num_stages: int = 6,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dynamic_dim: int = 64,
+        pooler_resolution: int = 7,
+        pooler_sampling_ratio: int = 2,
+        attention: str = "self+dynamic",
+        mask_head_layers: int = 3,
+        dropout: float = 0.0,
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__()
+        hidden_dim = backbone.out_channels
+        self.backbone = backbone
+        self.num_classes, self.code_dim, self.num_queries = num_classes, code_dim, num_queries
+        self.pooler = MultiScaleRoIAlign(list(LEVEL_NAMES), pooler_resolution, pooler_sampling_ratio)
+        # Query boxes start covering the whole image: normalised (cx, cy, w, h) = (.5, .5, 1, 1).
+        self.query_boxes = nn.Embedding(num_queries, 4)
+        nn.init.constant_(self.query_boxes.weight[:, :2], 0.5)
+        nn.init.constant_(self.query_boxes.weight[:, 2:], 1.0)
+        self.query_features = nn.Embedding(num_queries, hidden_dim)
+        self.stages = nn.ModuleList(
+            ISTRStage(
+                num_classes,
+                code_dim,
+                hidden_dim,
+                num_heads,
+                ffn_dim,
+                dynamic_dim,
+                pooler_resolution,
+                attention,
+                mask_head_layers,
+                dropout,
+                prior_prob,
+            )
+            for _ in range(num_stages)
+        )
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def initial_boxes(self, image_sizes: Tensor) -> Tensor:
+        """Learnable normalised cxcywh query boxes -> absolute x1y1x2y2 per image [B,k,4]."""
+        cxcywh = self.query_boxes.weight
+        xyxy = torch.cat([cxcywh[:, :2] - 0.5 * cxcywh[:, 2:], cxcywh[:, :2] + 0.5 * cxcywh[:, 2:]], dim=1)
+        scale = image_sizes.flip(1).repeat(1, 2).to(xyxy.dtype)  # (w, h, w, h)
+        return xyxy[None] * scale[:, None, :]
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> dict:
+        """images uint8/float [B,3,H,W] (0-255, padded), image_sizes [B,2] (h, w) -> DESIGN.md model output."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        features = self.backbone(x)
+        batch = images.shape[0]
+        boxes = self.initial_boxes(image_sizes)
+        queries = self.query_features.weight[None].expand(batch, -1, -1)
+        shapes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        outputs = []
+        for stage in self.stages:
+            boxes = boxes.detach()  # ISTR_SPEC §4: boxes are detached between stages
+            rois = self.pooler(features, list(boxes.to(features["p2"].dtype).unbind(0)), shapes)
+            rois = rois.flatten(2).transpose(1, 2)  # [B*k, S*S, d]
+            out = stage(queries, rois, boxes)
+            queries, boxes = out.pop("queries"), out["boxes"]
+            outputs.append(out)
+        return {**outputs[-1], "aux": outputs[:-1]}
+
+
+def build_model(model_cfg, num_classes: int, code_dim: int) -> ISTR:
+    """Builder: the only place that reads ``cfg.model`` (DESIGN.md, "Only builders read config")."""
+    backbone = BackboneFPN(model_cfg.backbone, model_cfg.hidden_dim, model_cfg.norm, model_cfg.pretrained)
+    return ISTR(
+        backbone,
+        num_classes=num_classes,
+        code_dim=code_dim,
+        num_queries=model_cfg.num_queries,
+        num_stages=model_cfg.num_stages,
+        num_heads=model_cfg.num_heads,
+        ffn_dim=model_cfg.ffn_dim,
+        dynamic_dim=model_cfg.dynamic_dim,
+        pooler_resolution=model_cfg.pooler_resolution,
+        pooler_sampling_ratio=model_cfg.pooler_sampling_ratio,
+        attention=model_cfg.attention,
+        mask_head_layers=model_cfg.mask_head_layers,
+        dropout=model_cfg.dropout,
+        prior_prob=model_cfg.prior_prob,
+    )

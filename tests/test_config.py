@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from istr.config import ConfigError, config_hash, load_config, to_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers_values():
+    cfg = load_config()
+    assert (cfg.model.num_queries, cfg.model.num_stages, cfg.codec.dim) == (300, 6, 60)
+    assert (cfg.loss.weight_class, cfg.loss.weight_l1, cfg.loss.weight_giou, cfg.loss.weight_mask) == (2, 5, 2, 2)
+    assert cfg.train.lr == 2.5e-5 and cfg.train.clip_grad_norm == 1.0
+
+
+def test_override_changes_value_and_type_checked():
+    cfg = load_config(None, ["model.num_queries=7", "train.lr_steps=[5,9]"])
+    assert cfg.model.num_queries == 7 and cfg.train.lr_steps == [5, 9]
+    with pytest.raises(ConfigError, match="num_queries"):
+        load_config(None, ["model.num_queries=many"])
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [("model.num_querys=5", "model.num_queries"), ("trian.max_steps=3", "train.max_steps")],
+)
+def test_unknown_key_names_closest_valid_key(override, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  atention: self\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*model.attention"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key", ["codec.type", "matcher.mask_cost", "loss.mask", "model.attention"])
+def test_unknown_arm_lists_valid_names(key):
+    with pytest.raises(ConfigError, match="valid:"):
+        load_config(None, [f"{key}=nonsense"])
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.data.root
+
+
+def test_hash_is_identity_of_resolved_config():
+    a, b = load_config(None, ["seed=1"]), load_config(None, ["seed=1"])
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load_config(None, ["seed=2"]))
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["model.attention=dynamic", "codec.dim=40"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
