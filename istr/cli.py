@@ -41,6 +41,20 @@ def _fit_codec(args: argparse.Namespace) -> None:
     print(json.dumps({"codec": path.as_posix(), **stats}, indent=2))
 
 
+def _codec_report(args: argparse.Namespace) -> None:
+    from istr.codecs.report import codec_report, format_markdown
+    from istr.config import load_config
+    from istr.data.build import ensure_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    ensure_dataset(cfg.data)
+    types = args.types.split(",")
+    dims = [int(d) for d in args.dims.split(",")]
+    report = codec_report(cfg, types, dims, Path(args.out), args.max_val_images)
+    print(format_markdown(report))
+    print(f"written to {args.out}/codec_report.csv and .md")
+
+
 def _train(args: argparse.Namespace) -> None:
     from istr.config import config_hash, load_config
     from istr.engine.train import train
@@ -94,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("codec-report", help="reconstruction IoU + oracle segm AP of mask codecs on the val masks")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--types", default="pca,dct,sparse,ae")
+    p.add_argument("--dims", default="20,40,60,80,100")
+    p.add_argument("--out", default="results/codec_report")
+    p.add_argument("--max-val-images", type=int, default=0, help="0 = all val images")
+    p.set_defaults(func=_codec_report)
 
     p = sub.add_parser("eval", help="COCO-evaluate a run dir on its val split -> eval.json")
     p.add_argument("--run", required=True)

@@ -86,6 +86,7 @@ class ModelConfig:
     dynamic_dim: int = 64
     pooler_resolution: int = 7
     pooler_sampling_ratio: int = 2
+    pooler: str = "roi_align"  # roi_align (torchvision) | grid_sample (same sampling, multi-threaded on CPU)
     mask_head_layers: int = 3
     attention: str = "self+dynamic"
     prior_prob: float = 0.01

@@ -60,3 +60,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def all_gather_floats(value: float) -> list[float]:
+    """One float per rank (a single-element list when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -110,6 +110,12 @@ def train_step(state: TrainState, batch: dict) -> dict[str, float]:
     return metrics
 
 
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """A float that differs when any weight differs: DDP ranks must agree on it at the end."""
+    with torch.no_grad():
+        return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(model.parameters())))
+
+
 def prepare_codec(cfg: Config, run_dir: Path, train_set, info: D.DistInfo) -> MaskCodec:
     """Rank 0 fits (or loads from the cache) the codec into run_dir/codec.pt; other ranks load it."""
     codec_path = run_dir / "codec.pt"
@@ -268,7 +274,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 )
                 model.train()
         train_seconds = time.perf_counter() - started
-        D.barrier()
+        checksums = D.all_gather_floats(parameter_checksum(model))
         result: dict = {}
         if info.is_main:
             result = evaluate_run(cfg, model, codec, info.device, run_dir)
@@ -281,6 +287,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     "train_seconds": train_seconds,
                     "device": str(info.device),
                     "world_size": info.world_size,
+                    "param_checksums": checksums,
                     "wandb_run_id": wandb_sink.run_id if wandb_sink else None,
                     "img_per_s": (step - start_step) * cfg.train.batch_size / max(train_seconds, 1e-9),
                 },

@@ -82,6 +82,8 @@ def _mlp_tower(dim: int, layers: int, activation: type[nn.Module]) -> nn.Sequent
 
 def apply_deltas(deltas: Tensor, boxes: Tensor, weights: tuple[float, ...] = (2.0, 2.0, 1.0, 1.0)) -> Tensor:
     """Refine x1y1x2y2 ``boxes`` by (dx, dy, dw, dh) deltas with weights (2,2,1,1) (ISTR_SPEC §4)."""
+    # Box arithmetic in float32 even under bf16 autocast: bf16 cannot hold pixel coordinates.
+    deltas, boxes = deltas.float(), boxes.float()
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
     ctr_x = boxes[:, 0] + 0.5 * widths

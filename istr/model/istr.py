@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign
 
-from istr.model.backbone import LEVEL_NAMES, BackboneFPN
+from istr.model.backbone import BackboneFPN
 from istr.model.head import ISTRStage
+from istr.model.pooler import POOLERS
 
 # torchvision's ImageNet statistics, on 0-255 pixels.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -33,6 +33,7 @@ class ISTR(nn.Module):
         dynamic_dim: int = 64,
         pooler_resolution: int = 7,
         pooler_sampling_ratio: int = 2,
+        pooler: str = "roi_align",
         attention: str = "self+dynamic",
         mask_head_layers: int = 3,
         dropout: float = 0.0,
@@ -42,7 +43,9 @@ class ISTR(nn.Module):
         hidden_dim = backbone.out_channels
         self.backbone = backbone
         self.num_classes, self.code_dim, self.num_queries = num_classes, code_dim, num_queries
-        self.pooler = MultiScaleRoIAlign(list(LEVEL_NAMES), pooler_resolution, pooler_sampling_ratio)
+        if pooler not in POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}; valid: {', '.join(POOLERS)}")
+        self.pooler = POOLERS[pooler](pooler_resolution, pooler_sampling_ratio)
         # Query boxes start covering the whole image: normalised (cx, cy, w, h) = (.5, .5, 1, 1).
         self.query_boxes = nn.Embedding(num_queries, 4)
         nn.init.constant_(self.query_boxes.weight[:, :2], 0.5)
@@ -81,13 +84,13 @@ class ISTR(nn.Module):
         batch = images.shape[0]
         boxes = self.initial_boxes(image_sizes)
         queries = self.query_features.weight[None].expand(batch, -1, -1)
-        shapes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
-        outputs = []
+        outputs: list[dict] = []
         for stage in self.stages:
-            boxes = boxes.detach()  # ISTR_SPEC §4: boxes are detached between stages
-            rois = self.pooler(features, list(boxes.to(features["p2"].dtype).unbind(0)), shapes)
+            # ISTR_SPEC §4: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
+            stage_boxes = boxes.detach() if outputs else boxes
+            rois = self.pooler(features, stage_boxes.detach().to(features["p2"].dtype))
             rois = rois.flatten(2).transpose(1, 2)  # [B*k, S*S, d]
-            out = stage(queries, rois, boxes)
+            out = stage(queries, rois, stage_boxes)
             queries, boxes = out.pop("queries"), out["boxes"]
             outputs.append(out)
         return {**outputs[-1], "aux": outputs[:-1]}
@@ -107,6 +110,7 @@ def build_model(model_cfg, num_classes: int, code_dim: int) -> ISTR:
         dynamic_dim=model_cfg.dynamic_dim,
         pooler_resolution=model_cfg.pooler_resolution,
         pooler_sampling_ratio=model_cfg.pooler_sampling_ratio,
+        pooler=model_cfg.pooler,
         attention=model_cfg.attention,
         mask_head_layers=model_cfg.mask_head_layers,
         dropout=model_cfg.dropout,
