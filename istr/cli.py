@@ -83,6 +83,14 @@ def _predict(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from istr.engine.demo import run_demo
+
+    summary = run_demo(Path(args.config), Path(args.out), args.overrides)
+    print(summary.read_text())
+    print(f"results written to {args.out}/ (summary.md, predictions/, runs/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="istr", description="ISTR instance segmentation workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.set_defaults(func=_predict)
+    p = sub.add_parser("demo", help="the main job: tiny preset on generated data -> eval + overlays")
+    p.add_argument("--config", default="experiments/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=_demo)
     return parser
 
 

@@ -128,3 +128,17 @@ def test_coco_mini_trains_and_evaluates(tmp_path):
     assert set(metrics) == {"bbox", "segm"}
     assert (tmp_path / "run" / "eval.txt").read_text().count("Average Precision") == 12  # 6 per IoU type
     assert cfg.model.num_queries == 8
+
+
+def test_wandb_offline_run_is_written_and_disabled_is_respected(tiny_cfg_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "offline"
+    train(tiny_cfg_factory("logging.wandb=true", "train.max_steps=2"), run_dir)
+    run_id = json.loads((run_dir / "train_summary.json").read_text())["wandb_run_id"]
+    assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_dir = tmp_path / "disabled"
+    train(tiny_cfg_factory("logging.wandb=true", "train.max_steps=2"), run_dir)
+    assert not list(run_dir.glob("wandb/offline-run-*"))
+    assert (run_dir / "eval.json").is_file()

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class WandbSink(Sink):
             import wandb
 
             mode = os.environ.get("WANDB_MODE", mode)
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             self.run = wandb.init(
                 project=project,
                 entity=entity or None,

@@ -88,8 +88,7 @@ class ISTR(nn.Module):
         for stage in self.stages:
             # ISTR_SPEC §4: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
             stage_boxes = boxes.detach() if outputs else boxes
-            rois = self.pooler(features, stage_boxes.detach().to(features["p2"].dtype))
-            rois = rois.flatten(2).transpose(1, 2)  # [B*k, S*S, d]
+            rois = self.pooler(features, stage_boxes.detach().to(features["p2"].dtype))  # [B*k, S*S, d]
             out = stage(queries, rois, stage_boxes)
             queries, boxes = out.pop("queries"), out["boxes"]
             outputs.append(out)

@@ -1,7 +1,7 @@
 """RoI feature pooling: each query box reads an SxS feature grid from its FPN level (ISTR_SPEC §4).
 
 Two interchangeable implementations (``model.pooler``):
-- ``roi_align``: torchvision's MultiScaleRoIAlign (the reference; its CPU kernels are single-threaded).
+- ``roi_align``: torchvision's ``roi_align`` per level (the reference; its CPU kernels are single-threaded).
 - ``grid_sample``: the same bilinear RoIAlign sampling (aligned=True, fixed sampling ratio, FPN level
   rule of Eq. 1 in the FPN paper) done with one ``F.grid_sample`` per level, whose CPU forward and
   backward run multi-threaded. Interior samples match RoIAlign exactly; samples that fall outside
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import roi_align
 
 from istr.model.backbone import LEVEL_NAMES
 
@@ -43,44 +43,59 @@ class GridSamplePooler(nn.Module):
         gy = (2 * ys + 1) / height - 1
         return torch.stack(torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]), dim=-1)
 
-    def forward(self, features: dict[str, Tensor], boxes: Tensor) -> Tensor:
-        """features P2-P5 [B,C,H,W], boxes [B,k,4] -> [B*k, C, S, S]."""
-        batch, k = boxes.shape[:2]
-        first = features[LEVEL_NAMES[0]]
+    def pool_level(self, feature: Tensor, boxes: Tensor, stride: int) -> Tensor:
+        """feature [B,C,H,W], boxes [B,m,4] on this level -> [B, m, S*S, C]."""
+        batch, m = boxes.shape[:2]
         s, r = self.output_size, self.sampling_ratio
-        out = first.new_zeros((batch, k, first.shape[1], s * r, s * r))
+        grid = self.sample_grid(boxes, stride, feature.shape[-2], feature.shape[-1])  # [B,m,P,P,2]
+        sampled = F.grid_sample(feature, grid.flatten(1, 2), align_corners=False, padding_mode="border")
+        if r > 1:  # average the r x r samples of each bin, before any reshuffling of the data
+            sampled = F.avg_pool2d(sampled, r)  # [B, C, m*S, S]
+        return sampled.unflatten(2, (m, s)).permute(0, 2, 3, 4, 1).reshape(batch, m, s * s, -1)
+
+    def forward(self, features: dict[str, Tensor], boxes: Tensor) -> Tensor:
+        """features P2-P5 [B,C,H,W], boxes [B,k,4] -> RoI tokens [B*k, S*S, C]."""
+        batch, k = boxes.shape[:2]
         levels = assign_levels(boxes)
-        for level, (name, stride) in enumerate(zip(LEVEL_NAMES, STRIDES)):
+        used = levels.unique().tolist()
+        if len(used) == 1:  # common case (one object scale): no packing needed
+            return self.pool_level(features[LEVEL_NAMES[used[0]]], boxes, STRIDES[used[0]]).flatten(0, 1)
+        first = features[LEVEL_NAMES[0]]
+        out = first.new_empty((batch, k, self.output_size**2, first.shape[1]))
+        for level in used:
             selected = levels == level
-            if not selected.any():
-                continue
-            feature = features[name]
-            # Pack each image's boxes of this level into the first slots of a [B, m, ...] grid.
+            # Pack each image's boxes of this level into the first slots of a [B, m, 4] tensor.
             rank = selected.long().cumsum(1) - 1
-            width = int(selected.sum(1).max())
             b_idx, q_idx = selected.nonzero(as_tuple=True)
-            packed = boxes.new_zeros((batch, width, 4))
-            packed[b_idx, rank[b_idx, q_idx]] = boxes[b_idx, q_idx]
-            grid = self.sample_grid(packed, stride, feature.shape[-2], feature.shape[-1])  # [B,m,P,P,2]
-            sampled = F.grid_sample(feature, grid.flatten(1, 2), align_corners=False, padding_mode="border")
-            sampled = sampled.unflatten(2, (width, s * r)).permute(0, 2, 1, 3, 4)  # [B,m,C,P,P]
-            out[b_idx, q_idx] = sampled[b_idx, rank[b_idx, q_idx]]
-        out = out.flatten(0, 1)
-        return F.avg_pool2d(out, r) if r > 1 else out
+            slots = rank[b_idx, q_idx]
+            packed = boxes.new_zeros((batch, int(selected.sum(1).max()), 4))
+            packed[b_idx, slots] = boxes[b_idx, q_idx]
+            pooled = self.pool_level(features[LEVEL_NAMES[level]], packed, STRIDES[level])
+            out[b_idx, q_idx] = pooled[b_idx, slots]
+        return out.flatten(0, 1)
 
 
 class RoIAlignPooler(nn.Module):
-    """torchvision MultiScaleRoIAlign with the same [B,k,4] -> [B*k,C,S,S] interface."""
+    """torchvision ``roi_align`` (aligned=True, i.e. detectron2's ROIAlignV2 used by ISTR) per FPN level."""
 
     def __init__(self, output_size: int, sampling_ratio: int) -> None:
         super().__init__()
-        self.pooler = MultiScaleRoIAlign(list(LEVEL_NAMES), output_size, sampling_ratio)
+        self.output_size, self.sampling_ratio = output_size, sampling_ratio
 
     def forward(self, features: dict[str, Tensor], boxes: Tensor) -> Tensor:
-        # The level scales are inferred once from feature size / image size: give the padded size
-        # (a multiple of 32) so they are exactly 1/4 ... 1/32 whatever the first batch holds.
-        padded = features[LEVEL_NAMES[0]].shape[-2] * STRIDES[0], features[LEVEL_NAMES[0]].shape[-1] * STRIDES[0]
-        return self.pooler(features, list(boxes.unbind(0)), [padded] * boxes.shape[0])
+        """features P2-P5 [B,C,H,W], boxes [B,k,4] -> RoI tokens [B*k, S*S, C]."""
+        batch, k = boxes.shape[:2]
+        flat_boxes = boxes.flatten(0, 1)
+        image_idx = torch.arange(batch, device=boxes.device).repeat_interleave(k)
+        levels = assign_levels(flat_boxes)
+        first = features[LEVEL_NAMES[0]]
+        out = first.new_zeros((batch * k, first.shape[1], self.output_size, self.output_size))
+        for level in levels.unique().tolist():
+            idx = (levels == level).nonzero().flatten()
+            rois = torch.cat([image_idx[idx, None].to(boxes.dtype), flat_boxes[idx]], dim=1)
+            out[idx] = roi_align(features[LEVEL_NAMES[level]], rois, self.output_size, 1.0 / STRIDES[level],
+                                 self.sampling_ratio, aligned=True)
+        return out.flatten(2).transpose(1, 2)
 
 
 POOLERS: dict[str, type[nn.Module]] = {"roi_align": RoIAlignPooler, "grid_sample": GridSamplePooler}

@@ -1,0 +1,207 @@
+"""Sweep specs: W&B sweep YAML files (``sweeps/*.yaml``) parsed, validated and expanded into cells.
+
+A spec is a **valid W&B sweep config** (``method``, ``metric``, ``parameters``, ``command`` with
+``${args_no_hyphens}`` calling ``istr train``), so ``wandb sweep sweeps/loss.yaml`` works unchanged.
+Nothing project-specific is stored in extra keys; it is derived instead:
+
+- **axis** = the file stem (``sweeps/loss.yaml`` -> ``loss``); it becomes the W&B ``job_type``;
+- **base preset** = the ``--config FILE`` argument of ``command`` (``istr sweep --preset`` replaces it);
+- **seeds** = the ``seed`` parameter (``--seeds N`` replaces it with ``0..N-1``);
+- **arm** = the non-seed parameter values of a cell (the default arm is whatever the preset holds);
+- **trial budget** of ``random``/``bayes`` = W&B's own ``run_cap`` key (default 20).
+
+A **cell** is one (arm x seed) point of a grid; its identity is the hash of its resolved config
+(:func:`cell_identity`), so the same training in two studies is the same cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from istr.config import Config, ConfigError, LoggingConfig, config_hash
+
+METHODS = ("grid", "random", "bayes")
+GOALS = ("maximize", "minimize")
+REPO = Path(__file__).resolve().parents[2]
+DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform", "q_uniform", "categorical")
+
+
+class SpecError(ConfigError):
+    """A sweep spec that is not a usable W&B sweep config (a ConfigError: ``istr`` prints it cleanly)."""
+
+
+@dataclass
+class Cell:
+    """One grid point: the sweep parameters and the ``key=value`` overrides they become."""
+
+    params: dict[str, Any]
+    arm: str
+    seed: int
+
+    @property
+    def overrides(self) -> list[str]:
+        return param_overrides(self.params)
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    axis: str
+    method: str
+    metric: str
+    goal: str
+    parameters: dict[str, dict[str, Any]]
+    preset: str
+    run_cap: int = 20
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return self.goal
+
+    def axis_keys(self) -> list[str]:
+        return [k for k in self.parameters if k != "seed"]
+
+    def with_seeds(self, seeds: int | None) -> SweepSpec:
+        """A copy whose ``seed`` grid is ``0..seeds-1`` (``None`` keeps the spec's)."""
+        if not seeds:
+            return self
+        spec = copy.deepcopy(self)
+        spec.parameters["seed"] = {"values": list(range(int(seeds)))}
+        return spec
+
+    def cells(self) -> list[Cell]:
+        """Expand a grid into cells (arm-major, then seed); only defined for ``method: grid``."""
+        if self.method != "grid":
+            raise SpecError(f"{self.path}: only a grid expands into cells (method is {self.method})")
+        keys = list(self.parameters)
+        grids = [_grid_values(self.path, k, self.parameters[k]) for k in keys]
+        if "seed" not in self.parameters:
+            keys.append("seed")
+            grids.append([0])
+        cells = []
+        seed_pos = keys.index("seed")
+        order = [i for i in range(len(keys)) if i != seed_pos] + [seed_pos]
+        for combo in itertools.product(*[grids[i] for i in order]):
+            params = {keys[i]: v for i, v in zip(order, combo)}
+            cells.append(Cell(params, arm_name(params), int(params["seed"])))
+        return cells
+
+
+def _grid_values(path: Path, key: str, p: dict[str, Any]) -> list[Any]:
+    if "values" in p:
+        return list(p["values"])
+    if "value" in p:
+        return [p["value"]]
+    raise SpecError(f"{path}: grid parameter '{key}' needs 'values' (or 'value'); got {sorted(p)}")
+
+
+def arm_name(params: dict[str, Any]) -> str:
+    """``codec.type=dct`` -> ``dct``; several axis keys -> ``k=v,k=v``."""
+    axis = {k: v for k, v in params.items() if k != "seed"}
+    if len(axis) == 1:
+        return str(next(iter(axis.values())))
+    return ",".join(f"{k}={v}" for k, v in axis.items())
+
+
+def param_overrides(params: dict[str, Any]) -> list[str]:
+    """What W&B's ``${args_no_hyphens}`` produces: ``key=value`` per parameter."""
+    out = []
+    for key, value in params.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (list, tuple)):
+            value = "[" + ",".join(str(v) for v in value) + "]"
+        out.append(f"{key}={value}")
+    return out
+
+
+def cell_identity(cfg: Config) -> str:
+    """Cell id = hash of the resolved config with ``logging.*`` reset to defaults.
+
+    Logging (W&B group/job type, progress bars) does not change what is trained, and differs
+    between studies by design, so it is left out: the default arm is one cell in all four axes.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.logging = LoggingConfig()
+    return config_hash(cfg)
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
+    """A path, or a name in ``sweeps/`` (``loss`` -> ``sweeps/loss.yaml``), cwd first then the repo."""
+    spec = Path(spec)
+    candidates = [spec, spec.with_suffix(".yaml"), Path("sweeps") / spec, Path("sweeps") / f"{spec}.yaml",
+                  REPO / "sweeps" / spec, REPO / "sweeps" / f"{spec}.yaml"]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise SpecError(f"sweep spec not found: {spec} (looked in ., sweeps/ and {REPO / 'sweeps'})")
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    """A YAML path, or a name in ``experiments/`` (``tiny`` -> ``experiments/tiny.yaml``)."""
+    p = Path(preset)
+    for cand in (p, Path("experiments") / f"{p}.yaml", REPO / "experiments" / f"{p}.yaml",
+                 REPO / p):
+        if cand.is_file():
+            return cand
+    raise SpecError(f"preset not found: {preset} (a YAML path or a name in experiments/)")
+
+
+def _preset_from_command(path: Path, command: list[str]) -> str:
+    if "${args_no_hyphens}" not in command and "${args}" not in command:
+        raise SpecError(f"{path}: command must pass the parameters with ${{args_no_hyphens}}")
+    if "train" not in command or "istr" not in command:
+        raise SpecError(f"{path}: command must call 'istr train' (e.g. ${{interpreter}} -m istr train ...)")
+    if "--config" not in command or command.index("--config") + 1 >= len(command):
+        raise SpecError(f"{path}: command needs '--config experiments/<preset>.yaml' (the base preset)")
+    return command[command.index("--config") + 1]
+
+
+def _check_parameter(path: Path, key: str, p: Any, method: str) -> None:
+    if not isinstance(p, dict):
+        raise SpecError(f"{path}: parameter '{key}' must be a mapping (values:/value:/distribution:)")
+    if "values" in p or "value" in p:
+        if "values" in p and not (isinstance(p["values"], list) and p["values"]):
+            raise SpecError(f"{path}: parameter '{key}': 'values' must be a non-empty list")
+        return
+    if method == "grid":
+        raise SpecError(f"{path}: grid parameter '{key}' needs 'values'")
+    dist = p.get("distribution", "uniform")
+    if dist not in DISTRIBUTIONS or "min" not in p or "max" not in p:
+        raise SpecError(f"{path}: parameter '{key}' needs min/max and a distribution in {DISTRIBUTIONS}")
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Parse + validate a W&B sweep YAML; errors name the file and the fix."""
+    path = resolve_spec_path(path)
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep spec is a mapping with method/metric/parameters/command")
+    for key in ("method", "metric", "parameters", "command"):
+        if key not in raw:
+            raise SpecError(f"{path}: missing W&B sweep key '{key}'")
+    method = raw["method"]
+    if method not in METHODS:
+        raise SpecError(f"{path}: method '{method}' is not one of {METHODS}")
+    metric = raw["metric"]
+    if not isinstance(metric, dict) or "name" not in metric:
+        raise SpecError(f"{path}: metric must be {{name: segm_AP, goal: maximize}}")
+    goal = metric.get("goal", "maximize")
+    if goal not in GOALS:
+        raise SpecError(f"{path}: metric.goal '{goal}' is not one of {GOALS}")
+    params = raw["parameters"]
+    if not isinstance(params, dict) or not params:
+        raise SpecError(f"{path}: parameters must be a non-empty mapping")
+    for key, p in params.items():
+        _check_parameter(path, key, p, method)
+    command = [str(c) for c in raw["command"]]
+    return SweepSpec(path=path, axis=path.stem, method=method, metric=metric["name"], goal=goal,
+                     parameters=params, preset=_preset_from_command(path, command),
+                     run_cap=int(raw.get("run_cap", 20)), raw=raw)

@@ -1,0 +1,160 @@
+"""Optuna storage for a study, plus the trial leases that detect dead workers.
+
+- default: an Optuna **journal file** ``<root>/<study>/journal.log`` (``optuna-dashboard
+  runs/sweeps/<study>/journal.log`` opens it). A journal has no heartbeat, so each running trial
+  holds a **lease file** ``<root>/<study>/leases/trial-<n>.json`` (host, pid, expiry) that its
+  worker renews while the training subprocess runs; :func:`reap_stale_trials` fails a RUNNING
+  trial whose lease expired or whose worker pid is gone on this host, and the runner re-queues
+  its cell.
+- ``postgresql://...`` (any SQLAlchemy URL): Optuna ``RDBStorage`` with heartbeats; the worker
+  records a heartbeat with every lease renewal and ``optuna.storages.fail_stale_trials`` fails
+  trials whose heartbeat stopped (this works across machines; lease files are local only).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import warnings
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial, TrialState
+
+LEASE_TTL_S = 60.0
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+HOST = socket.gethostname()
+
+
+def study_dir(root: Path, study: str) -> Path:
+    return Path(root) / study
+
+
+def is_rdb(url: str | None) -> bool:
+    return bool(url) and "://" in str(url)
+
+
+def rdb_url(url: str) -> str:
+    """``postgresql://`` -> ``postgresql+psycopg2://`` unless psycopg 3 is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; this project ships psycopg2-binary.
+    """
+    if url.startswith("postgresql://"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def open_storage(url: str | None, root: Path, study: str) -> BaseStorage:
+    """``None`` -> journal file under the study dir; a file path -> that journal; a URL -> RDB."""
+    if is_rdb(url):
+        with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                rdb_url(str(url)),
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=HEARTBEAT_GRACE_S,
+                engine_kwargs={"pool_pre_ping": True},
+            )
+    path = Path(url) if url else study_dir(root, study) / "journal.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (serialises enqueueing and results.csv writers on one host)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lease_path(root: Path, study: str, trial_number: int) -> Path:
+    return study_dir(root, study) / "leases" / f"trial-{trial_number}.json"
+
+
+def write_lease(path: Path, trial_number: int, cell_id: str, ttl: float = LEASE_TTL_S) -> None:
+    from istr.io import atomic_write_json
+
+    atomic_write_json(path, {"host": HOST, "pid": os.getpid(), "trial": trial_number, "cell_id": cell_id,
+                             "expires": time.time() + ttl})
+
+
+def read_lease(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _stale_reason(trial: FrozenTrial, root: Path, study: str, ttl: float, now: float) -> str | None:
+    host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
+    if host == HOST and pid is not None and not pid_alive(int(pid)):
+        return f"worker pid {pid} on {host} is gone"
+    lease = read_lease(lease_path(root, study, trial.number))
+    if lease is not None:
+        if lease.get("host") == HOST and not pid_alive(int(lease["pid"])):
+            return f"worker pid {lease['pid']} on {HOST} is gone"
+        if lease["expires"] < now:
+            return f"lease expired {now - lease['expires']:.0f}s ago"
+        return None
+    started = trial.datetime_start
+    if started is not None:
+        age = now - started.timestamp()  # Optuna stores naive local times
+        if age > ttl and host is None:
+            return f"no lease and no worker recorded after {age:.0f}s"
+    return None
+
+
+def reap_stale_trials(study: optuna.Study, storage: BaseStorage, root: Path, ttl: float = LEASE_TTL_S) -> list[int]:
+    """Fail RUNNING trials whose worker is dead (lease expired, pid gone, or heartbeat lost)."""
+    failed: list[int] = []
+    if isinstance(storage, RDBStorage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        failed.extend(sorted(before - after))
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = _stale_reason(trial, root, study.study_name, ttl, now)
+        if reason is None:
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"stale: {reason}")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # finished meanwhile
+        lease_path(root, study.study_name, trial.number).unlink(missing_ok=True)
+        failed.append(trial.number)
+    return failed
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
