@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.set_defaults(func=_predict)
+    from istr.bench import add_parsers as add_bench_parsers
+    from istr.sweep.cli import add_parsers as add_sweep_parsers
+
+    add_bench_parsers(sub)
+    add_sweep_parsers(sub)
+
     p = sub.add_parser("demo", help="the main job: tiny preset on generated data -> eval + overlays")
     p.add_argument("--config", default="experiments/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

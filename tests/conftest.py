@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from istr.config import Config, load_config
 from istr.data.synth import generate_synthetic_coco
@@ -20,8 +21,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    generate_synthetic_coco(root, num_train=16, num_val=6, seed=3, image_size=64, max_instances=3,
-                            min_object_frac=0.25, max_object_frac=0.6)
+    generate_synthetic_coco(
+        root, num_train=16, num_val=6, seed=3, image_size=64, max_instances=3, min_object_frac=0.25, max_object_frac=0.6
+    )
     return root
 
 
@@ -74,3 +76,12 @@ def tiny_cfg_factory(synth_root: Path, tmp_path: Path):
 @pytest.fixture
 def tiny_cfg(tiny_cfg_factory) -> Config:
     return tiny_cfg_factory()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core box they only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,6 +20,8 @@ from istr.matcher import HungarianMatcher, build_matcher
 from istr.model import build_model
 from istr.targets import BatchTargets, prepare_targets
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 28
 NUM_CLASSES = 3
 BOX_TERMS = ("loss_cls", "loss_l1", "loss_giou")
@@ -74,15 +76,6 @@ def planted_outputs(target: BatchTargets, k: int, dim: int, seed: int = 0) -> di
 
 def criterion_for(codec, mask_loss: str = "l2+dice", deep_supervision: bool = True) -> SetCriterion:
     return SetCriterion(HungarianMatcher(codec), codec, mask_loss, deep_supervision=deep_supervision)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is too small to gain from threads; on a shared 2-core box they only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,11 @@ from istr.model import ISTR, build_model
 from istr.model.backbone import BackboneFPN
 from istr.model.head import ATTENTIONS, DynamicConv, StaticConv, apply_deltas
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_CLASSES = 3
 CODE_DIM = 16
 IMAGE_SIZES = torch.tensor([[64, 64], [48, 64]])  # (h, w); image 1 is padded at the bottom
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is too small to gain from threads; on a shared 2-core box they only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model(cfg, **model_overrides) -> ISTR:

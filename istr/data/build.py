@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -9,11 +10,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from istr.data.coco import CocoInstances
+from istr.data.coco import CocoInstances, DatasetError
 from istr.data.collate import collate_batch
 from istr.data.sampler import ResumableBatchSampler, SeededSamples
 from istr.data.synth import generate_synthetic_coco
 from istr.data.transforms import build_transforms
+from istr.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -28,22 +30,28 @@ def split_paths(data_cfg, split: str) -> tuple[Path, Path]:
 
 
 def ensure_dataset(data_cfg) -> None:
-    """Generate the synthetic dataset under ``data.root`` when enabled and missing."""
+    """Generate the synthetic dataset under ``data.root`` when enabled and missing.
+
+    The generator parameters are stored beside it; a dataset made with other parameters is an
+    error rather than silently reused.
+    """
     synth = data_cfg.synth
-    if not synth.enabled or all(split_paths(data_cfg, s)[0].is_file() for s in SPLITS):
+    if not synth.enabled:
+        return
+    params = {k: getattr(synth, k) for k in ("num_train", "num_val", "image_size", "min_instances",
+                                             "max_instances", "min_object_frac", "max_object_frac", "seed")}
+    marker = Path(data_cfg.root) / "synth_params.json"
+    if all(split_paths(data_cfg, s)[0].is_file() for s in SPLITS):
+        if marker.is_file() and json.loads(marker.read_text()) != params:
+            raise DatasetError(f"{data_cfg.root} was generated with {marker.read_text().strip()}, not {params}; "
+                               "delete it or point data.root elsewhere")
         return
     log.info("generating synthetic dataset under %s", data_cfg.root)
-    generate_synthetic_coco(
-        Path(data_cfg.root),
-        synth.num_train,
-        synth.num_val,
-        seed=synth.seed,
-        image_size=synth.image_size,
-        min_instances=synth.min_instances,
-        max_instances=synth.max_instances,
-        min_object_frac=synth.min_object_frac,
-        max_object_frac=synth.max_object_frac,
-    )
+    generate_synthetic_coco(Path(data_cfg.root), synth.num_train, synth.num_val, seed=synth.seed,
+                            image_size=synth.image_size, min_instances=synth.min_instances,
+                            max_instances=synth.max_instances, min_object_frac=synth.min_object_frac,
+                            max_object_frac=synth.max_object_frac)
+    atomic_write_json(marker, params)
 
 
 def build_dataset(data_cfg, split: str, train: bool) -> CocoInstances:

@@ -33,7 +33,8 @@ def run_demo(config: Path, out_dir: Path, overrides: list[str], num_overlays: in
     metrics = json.loads((run_dir / "eval.json").read_text())
     run = load_run(run_dir, "auto")
     val_images = sorted(split_paths(cfg.data, "val")[1].iterdir())[:num_overlays]
-    overlays = predict_images(run, val_images, out_dir / "predictions")
+    # A tiny CPU model scores low (focal-loss sigmoid scores); show what it finds above 0.1.
+    overlays = predict_images(run, val_images, out_dir / "predictions", score_threshold=0.1)
     summary = out_dir / "summary.md"
     atomic_write_text(summary, "\n".join([
         f"# Demo: `{config}` ({cfg.train.max_steps} steps)", "",

@@ -49,17 +49,21 @@ def _colour(index: int) -> tuple[int, int, int]:
 
 
 def draw_overlay(image: Image.Image, prediction: dict, names: list[str], score_threshold: float) -> Image.Image:
-    """Masks (translucent), boxes, class names and scores of detections above ``score_threshold``."""
-    canvas = image.convert("RGBA")
+    """Masks (translucent), boxes, class names and scores of detections above ``score_threshold``.
+
+    Small images are enlarged (nearest neighbour) so the labels stay readable.
+    """
+    zoom = max(1, 384 // max(image.size))
+    canvas = image.convert("RGBA").resize((image.width * zoom, image.height * zoom), Image.NEAREST)
     layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     keep = (prediction["scores"] >= score_threshold).nonzero().flatten().tolist()
     for rank, i in enumerate(keep):
         colour = _colour(rank)
-        mask = prediction["masks"][i].cpu().numpy()
+        mask = Image.fromarray((prediction["masks"][i].cpu().numpy() * 255).astype(np.uint8))
         tint = Image.new("RGBA", canvas.size, (*colour, 110))
-        layer.paste(tint, (0, 0), Image.fromarray((mask * 255).astype(np.uint8)))
-        x0, y0, x1, y1 = prediction["boxes"][i].tolist()
+        layer.paste(tint, (0, 0), mask.resize(canvas.size, Image.NEAREST))
+        x0, y0, x1, y1 = (v * zoom for v in prediction["boxes"][i].tolist())
         draw.rectangle([x0, y0, x1, y1], outline=(*colour, 255), width=1)
         label = f"{names[int(prediction['labels'][i])]} {float(prediction['scores'][i]):.2f}"
         draw.text((x0 + 2, y0 + 1), label, fill=(255, 255, 255, 255))

@@ -27,6 +27,17 @@ def assign_levels(boxes: Tensor, canonical_scale: float = 224.0, canonical_level
     return (level.clamp(2, 5) - 2).long()
 
 
+def connect_unused_levels(pooled: Tensor, features: dict[str, Tensor], used: list[int]) -> Tensor:
+    """Add 0 x every FPN level no box was assigned to, so its parameters still get a (zero) grad.
+
+    Small images put every box on P2; without this DDP fails on unused FPN parameters.
+    """
+    for level, name in enumerate(LEVEL_NAMES):
+        if level not in used:
+            pooled = pooled + 0.0 * features[name].sum()
+    return pooled
+
+
 class GridSamplePooler(nn.Module):
     def __init__(self, output_size: int, sampling_ratio: int) -> None:
         super().__init__()
@@ -59,7 +70,8 @@ class GridSamplePooler(nn.Module):
         levels = assign_levels(boxes)
         used = levels.unique().tolist()
         if len(used) == 1:  # common case (one object scale): no packing needed
-            return self.pool_level(features[LEVEL_NAMES[used[0]]], boxes, STRIDES[used[0]]).flatten(0, 1)
+            pooled = self.pool_level(features[LEVEL_NAMES[used[0]]], boxes, STRIDES[used[0]])
+            return connect_unused_levels(pooled.flatten(0, 1), features, used)
         first = features[LEVEL_NAMES[0]]
         out = first.new_empty((batch, k, self.output_size**2, first.shape[1]))
         for level in used:
@@ -72,7 +84,7 @@ class GridSamplePooler(nn.Module):
             packed[b_idx, slots] = boxes[b_idx, q_idx]
             pooled = self.pool_level(features[LEVEL_NAMES[level]], packed, STRIDES[level])
             out[b_idx, q_idx] = pooled[b_idx, slots]
-        return out.flatten(0, 1)
+        return connect_unused_levels(out.flatten(0, 1), features, used)
 
 
 class RoIAlignPooler(nn.Module):
@@ -90,12 +102,13 @@ class RoIAlignPooler(nn.Module):
         levels = assign_levels(flat_boxes)
         first = features[LEVEL_NAMES[0]]
         out = first.new_zeros((batch * k, first.shape[1], self.output_size, self.output_size))
-        for level in levels.unique().tolist():
+        used = levels.unique().tolist()
+        for level in used:
             idx = (levels == level).nonzero().flatten()
             rois = torch.cat([image_idx[idx, None].to(boxes.dtype), flat_boxes[idx]], dim=1)
             out[idx] = roi_align(features[LEVEL_NAMES[level]], rois, self.output_size, 1.0 / STRIDES[level],
                                  self.sampling_ratio, aligned=True)
-        return out.flatten(2).transpose(1, 2)
+        return connect_unused_levels(out.flatten(2).transpose(1, 2), features, used)
 
 
 POOLERS: dict[str, type[nn.Module]] = {"roi_align": RoIAlignPooler, "grid_sample": GridSamplePooler}

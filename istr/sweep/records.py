@@ -41,9 +41,10 @@ def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
     """One results row from a COMPLETE trial's user attrs and its run dir's files."""
     attrs = trial.user_attrs
     run_dir = Path(attrs["run_dir"])
-    ev = _read_json(run_dir / "eval.json")
-    summary = _read_json(run_dir / "train_summary.json")
-    record = _read_json(run_dir / TRIAL_RECORD)
+    stored = attrs.get("record") or {}  # fallback when the run dir lives on another machine
+    ev = _read_json(run_dir / "eval.json") or stored.get("eval", {})
+    summary = _read_json(run_dir / "train_summary.json") or stored.get("summary", {})
+    record = _read_json(run_dir / TRIAL_RECORD) or stored.get("trial", {})
     row: dict[str, Any] = {
         "study": study,
         "axis": attrs.get("axis", ""),

@@ -184,4 +184,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
     elif done.parent.name != plan.study:
         trial.set_user_attr("reused_from", done.as_posix())
     trial.set_user_attr("run_dir", done.as_posix())
+    trial.set_user_attr("record", run_record(done))  # results rows on machines that cannot see the dir
     return TrialState.COMPLETE, metric_value(done, plan.metric)
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """The run dir's eval.json + train_summary.json + sweep_trial.json, copied into the storage."""
+    return {"eval": _read_json(run_dir / "eval.json"), "summary": _read_json(run_dir / "train_summary.json"),
+            "trial": _read_json(run_dir / TRIAL_RECORD)}
