@@ -241,3 +241,35 @@ def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_fact
     records = subprocess.run([*wandb_cli, "--json", str(offline)], check=True, capture_output=True, text=True).stdout
     history = [json.loads(line)["history"] for line in records.splitlines() if '"type":"history"' in line]
     assert len(history) == 2 and all("loss" in json.dumps(h) for h in history)
+
+
+def test_sweep_to_paper_tables_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch):
+    """Issue 6: a 2-arm x 2-seed tiny sweep -> analysis.tables -> files that hold both arms."""
+    from analysis import plots, tables
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
+    root = tmp_path / "runs"
+    run_sweep(spec, preset=str(preset), seeds=2, study_name="loss", root=root, progress=False)
+    out = tmp_path / "results"
+    assert tables.main(["--runs", str(root), "--out", str(out)]) == 0
+    for suffix in ("md", "tex", "csv"):
+        text = (out / f"loss.{suffix}").read_text()
+        assert "l2+dice" in text and "l2" in text.replace("l2+dice", "")
+    assert "(default)" in (out / "loss.md").read_text()
+    assert plots.main(["--runs", str(root), "--out", str(out / "figures")]) == 0
+    assert (out / "figures" / "loss_mask_ap.png").is_file()
+
+
+def test_ablate_runs_an_axis_then_writes_tables(tmp_path, tiny_cfg_factory, monkeypatch):
+    from istr.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
+    out = tmp_path / "results"
+    argv = ["ablate", "--preset", str(preset), "--axes", "attention", "--seeds", "1",
+            "--root", str(tmp_path / "runs"), "--out", str(out)]
+    assert main(argv) == 0
+    table = (out / "attention.md").read_text()
+    assert all(arm in table for arm in ("self+dynamic (default)", "| self |", "| dynamic |"))
+    assert (out / "figures" / "attention_mask_ap.png").is_file()

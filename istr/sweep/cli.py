@@ -62,17 +62,24 @@ def status_command(args: argparse.Namespace) -> None:
 
 def ablate_command(args: argparse.Namespace) -> list[dict]:
     """The four axis sweeps as one job; the default arm (shared by all four) is trained once."""
+    from analysis import plots, tables
     from istr.sweep.runner import run_sweep
     from istr.sweep.spec import resolve_preset
 
     preset = resolve_preset(args.preset or "tiny")
-    results = []
+    results, studies = [], []
     for axis in args.axes.split(","):
+        study = f"{axis}-{args.name or preset.stem}"
         counts = run_sweep(axis, preset=str(preset), seeds=args.seeds, sets=args.sets,
-                           study_name=f"{axis}-{args.name or preset.stem}", workers=args.workers,
+                           study_name=study, workers=args.workers,
                            storage_url=args.storage, trial_timeout=args.trial_timeout, root=Path(args.root))
         results.append(counts)
+        studies.append(study)
         print(json.dumps(counts))
+    # Then the paper's tables and figures from the studies just run (analysis/, issue 6).
+    selection = ["--runs", args.root, "--studies", ",".join(studies)]
+    tables.main([*selection, "--out", args.out])
+    plots.main([*selection, "--out", str(Path(args.out) / "figures")])
     return results
 
 
@@ -96,4 +103,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
     p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")
+    p.add_argument("--out", default="results", help="folder for the tables and figures")
     p.set_defaults(func=ablate_command)

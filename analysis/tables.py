@@ -1,0 +1,202 @@
+"""The paper's per-axis ablation tables: mean ± 95% CI over seeds, paired Δ to the default arm, cost columns.
+
+CLI: `python -m analysis.tables --runs runs/sweeps [--studies a,b] --out results/` writes `<axis>.md/.tex/.csv`
+per axis found and prints the Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.load import NoResultsError, load_results
+from analysis.stats import ci_halfwidth, default_arm, paired_vs_default
+
+METRIC_COLUMNS: dict[str, str] = {
+    "segm_AP": "mask AP",
+    "segm_AP50": "AP50",
+    "segm_AP75": "AP75",
+    "segm_APs": "APs",
+    "segm_APm": "APm",
+    "segm_APl": "APl",
+    "bbox_AP": "box AP",
+}
+DELTA_COL = "Δ mask AP vs default"
+P_COL = "p (paired t-test)"
+HOURS_COL = "CPU/GPU-hours"
+IPS_COL = "img/s"
+DASH = "—"
+MISSING = "†"  # footnote marker: missing value
+NO_TEST = "‡"  # footnote marker: fewer than 2 paired seeds
+BASE = "(base)"
+FOOTNOTES = {
+    MISSING: "missing: no completed trial with a defined value (failed, unfinished or undefined metric); never zero.",
+    NO_TEST: "no test: fewer than 2 seeds paired with the default arm, or identical paired differences.",
+}
+DEFAULT_SUFFIX = " (default)"
+
+
+def _fmt_cell(values: pd.Series) -> tuple[str, float]:
+    x = values.dropna().astype(float)
+    n = len(x)
+    if n == 0:
+        return DASH + MISSING, math.nan
+    mean = float(x.mean())
+    if n == 1:
+        return f"{mean:.1f} (n=1)", mean
+    return f"{mean:.1f} ± {ci_halfwidth(x):.1f} (n={n})", mean
+
+
+def _fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """One ablation axis as a table of display strings: rows = arms (default first), columns as in the paper.
+
+    `table.attrs` carries `axis`, `default_arm`, `note` (how the default was chosen), `best` ({column: [row labels]}
+    with the best mean, rendered bold by the writers) and `footnotes` ({marker: text} for markers used).
+    """
+    sub = df[df["axis"] == axis]
+    base, note = default_arm(df, axis)
+    arms = [base] + sorted(a for a in sub["arm"].dropna().unique() if a != base)
+    labels = [a + DEFAULT_SUFFIX if a == base else a for a in arms]
+    paired = paired_vs_default(sub, "segm_AP", base).set_index("arm")
+
+    rows: dict[str, dict[str, str]] = {}
+    means: dict[str, dict[str, float]] = {}
+    for arm, label in zip(arms, labels):
+        g = sub[sub["arm"] == arm]
+        row: dict[str, str] = {}
+        means[label] = {}
+        for metric, col in METRIC_COLUMNS.items():
+            row[col], means[label][col] = _fmt_cell(g[metric])
+        if arm == base:
+            row[DELTA_COL] = row[P_COL] = BASE
+        else:
+            pr = paired.loc[arm]
+            row[DELTA_COL] = DASH + MISSING if pr["n_pairs"] == 0 else f"{pr['delta']:+.1f} (n={int(pr['n_pairs'])})"
+            if pr["n_pairs"] == 0:
+                row[P_COL] = DASH + MISSING
+            elif math.isnan(pr["p"]):
+                row[P_COL] = DASH + NO_TEST
+            else:
+                row[P_COL] = _fmt_p(float(pr["p"]))
+        wall = g["wall_s"].dropna()
+        ips = g["img_per_s"].dropna()
+        row[HOURS_COL] = f"{wall.sum() / 3600:.2f}" if len(wall) else DASH + MISSING
+        row[IPS_COL] = f"{ips.mean():.1f}" if len(ips) else DASH + MISSING
+        rows[label] = row
+
+    columns = [*METRIC_COLUMNS.values(), DELTA_COL, P_COL, HOURS_COL, IPS_COL]
+    table = pd.DataFrame.from_dict(rows, orient="index")[columns]
+    table.index.name = "arm"
+    best: dict[str, list[str]] = {}
+    for col in METRIC_COLUMNS.values():
+        vals = {lab: m[col] for lab, m in means.items() if not math.isnan(m[col])}
+        if vals:
+            top = max(vals.values())
+            best[col] = [lab for lab, v in vals.items() if v == top]
+    used = "".join(table.to_numpy().ravel().astype(str))
+    table.attrs = {
+        "axis": axis,
+        "default_arm": base,
+        "note": note,
+        "best": best,
+        "footnotes": {m: t for m, t in FOOTNOTES.items() if m in used},
+    }
+    return table
+
+
+def _is_best(table: pd.DataFrame, label: str, col: str) -> bool:
+    return label in table.attrs.get("best", {}).get(col, [])
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A hand-written GitHub pipe table; best means in `**bold**`, footnotes below."""
+    header = ["arm", *table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(table.columns)) + "|"]
+    for label, row in table.iterrows():
+        cells = [f"**{v}**" if _is_best(table, label, col) else str(v) for col, v in row.items()]
+        lines.append("| " + " | ".join([str(label), *cells]).replace("\n", " ") + " |")
+    notes = [f"{m} {t}" for m, t in table.attrs.get("footnotes", {}).items()]
+    notes.append("Cells: mean ± 95% CI half-width (t-distribution) over seeds; bold = best mean per column.")
+    notes.append("Δ and p: paired over matching seeds vs the default arm; p from a two-sided paired t-test.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}  # fmt: skip
+
+
+def _latex(text: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(c, c) for c in str(text))
+    return (
+        out.replace("±", r"$\pm$")
+        .replace("Δ", r"$\Delta$")
+        .replace(DASH, "---")
+        .replace(MISSING, r"\textsuperscript{\dag}")
+        .replace(NO_TEST, r"\textsuperscript{\ddag}")
+        .replace("<", r"$<$")
+    )
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs tabular via `Styler.to_latex(hrules=True)`; best means in `\\textbf{}`, footnotes after it."""
+    body = {}
+    for col in table.columns:
+        body[_latex(col)] = [
+            rf"\textbf{{{_latex(v)}}}" if _is_best(table, label, col) else _latex(v) for label, v in table[col].items()
+        ]
+    out = pd.DataFrame(body, index=[_latex(lab) for lab in table.index])
+    tex = out.style.to_latex(hrules=True, column_format="l" + "r" * len(out.columns))
+    notes = [_latex(f"{m} {t}") for m, t in table.attrs.get("footnotes", {}).items()]
+    if notes:
+        tex += "{\\footnotesize " + r" \\ ".join(notes) + "}\n"
+    return tex
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    return table.to_csv()
+
+
+def write_tables(df: pd.DataFrame, out: Path) -> dict[str, pd.DataFrame]:
+    """Write `<axis>.md/.tex/.csv` into `out` for every axis in `df`; returns {axis: table}."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {}
+    for axis in sorted(df["axis"].dropna().unique()):
+        table = axis_table(df, axis)
+        (out / f"{axis}.md").write_text(to_markdown(table), encoding="utf-8")
+        (out / f"{axis}.tex").write_text(to_latex(table), encoding="utf-8")
+        (out / f"{axis}.csv").write_text(to_csv(table), encoding="utf-8")
+        tables[axis] = table
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=Path("runs/sweeps"), help="folder holding <study>/results.csv")
+    ap.add_argument("--studies", default=None, help="comma-separated study names (default: all)")
+    ap.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    args = ap.parse_args(argv)
+    studies = [s for s in args.studies.split(",") if s] if args.studies else None
+    try:
+        df = load_results(args.runs, studies)
+    except NoResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tables = write_tables(df, args.out)
+    for axis, table in tables.items():
+        print(f"## {axis}\n\n{table.attrs['note']}\n\n{to_markdown(table)}")
+    print(f"tables written to {args.out}/ ({', '.join(f'{a}.md/.tex/.csv' for a in tables)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

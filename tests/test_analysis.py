@@ -1,0 +1,184 @@
+"""Analysis package: stats equal scipy's, tables render honestly (— for missing, n=1 without CI), CLI writes files."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.load import COLUMNS, METRICS, NoResultsError, load_results, normalize
+from analysis.stats import DEFAULT_ARMS, default_arm, paired_vs_default, summarize
+from analysis.tables import DASH, axis_table, main, to_latex, to_markdown
+
+BASE_VALUES = {0: 30.0, 1: 31.5, 2: 29.0}
+OTHER_VALUES = {0: 32.0, 1: 32.1, 2: 30.5}
+
+
+def _rows(axis: str, arm: str, values: dict[int, float], study: str = "s", **extra) -> list[dict]:
+    out = []
+    for seed, v in values.items():
+        r = {c: None for c in COLUMNS}
+        r.update(study=study, axis=axis, arm=arm, cell_id=f"{arm}-{seed}", seed=seed, preset="tiny", status="complete")
+        r.update({m: v + i * 0.1 for i, m in enumerate(METRICS)})
+        r.update(wall_s=3600.0, img_per_s=10.0, steps=100)
+        r.update(extra)
+        out.append(r)
+    return out
+
+
+def _frame(*groups: list[dict]) -> pd.DataFrame:
+    return normalize(pd.DataFrame([r for g in groups for r in g]))
+
+
+@pytest.fixture
+def emb() -> pd.DataFrame:
+    # "dct" sorts before "pca": the default must still come first and be the comparison base.
+    return _frame(_rows("embedding", "pca", BASE_VALUES), _rows("embedding", "dct", OTHER_VALUES))
+
+
+def test_summarize_ci_equals_scipy(emb: pd.DataFrame) -> None:
+    s = summarize(emb, "segm_AP").set_index("arm")
+    x = np.array(list(OTHER_VALUES.values()))
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert s.loc["dct", "n"] == 3
+    assert s.loc["dct", "mean"] == pytest.approx(x.mean())
+    assert s.loc["dct", "ci95"] == pytest.approx((hi - lo) / 2)
+    assert s.loc["dct", "ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * x.std(ddof=1) / math.sqrt(3))
+
+
+def test_summarize_n1_has_no_ci() -> None:
+    s = summarize(_frame(_rows("loss", "l2", {0: 20.0})), "segm_AP")
+    assert s.loc[0, "n"] == 1 and math.isnan(s.loc[0, "ci95"])
+
+
+def test_paired_vs_default_equals_scipy(emb: pd.DataFrame) -> None:
+    p = paired_vs_default(emb, "segm_AP", "pca").set_index("arm")
+    a, b = np.array(list(OTHER_VALUES.values())), np.array(list(BASE_VALUES.values()))
+    assert p.loc["dct", "delta"] == pytest.approx((a - b).mean())
+    assert p.loc["dct", "p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert p.loc["dct", "n_pairs"] == 3
+    assert p.loc["pca", "delta"] == 0.0
+
+
+def test_paired_only_matching_seeds_and_nan_below_two_pairs() -> None:
+    df = _frame(_rows("loss", "l2+dice", BASE_VALUES), _rows("loss", "l2", {1: 40.0, 5: 50.0}))
+    p = paired_vs_default(df, "segm_AP", "l2+dice").set_index("arm")
+    assert p.loc["l2", "n_pairs"] == 1
+    assert p.loc["l2", "delta"] == pytest.approx(40.0 - BASE_VALUES[1])
+    assert math.isnan(p.loc["l2", "p"])
+
+
+def test_default_arms_and_fallback() -> None:
+    assert DEFAULT_ARMS == {"embedding": "pca", "mask_cost": "cosine", "loss": "l2+dice", "attention": "self+dynamic"}
+    df = _frame(_rows("embedding", "pca-60", {0: 1.0}), _rows("embedding", "dct-60", {0: 1.0}))
+    assert default_arm(df, "embedding")[0] == "pca-60"
+    df = _frame(_rows("novel", "zeta", {0: 1.0}), _rows("novel", "alpha", {0: 1.0}))
+    arm, note = default_arm(df, "novel")
+    assert arm == "alpha" and "alphabetically" in note
+
+
+def test_axis_table_default_first_and_base(emb: pd.DataFrame) -> None:
+    t = axis_table(emb, "embedding")
+    assert list(t.index) == ["pca (default)", "dct"]
+    assert t.loc["pca (default)", "Δ mask AP vs default"] == "(base)"
+    a, b = np.array(list(OTHER_VALUES.values())), np.array(list(BASE_VALUES.values()))
+    assert t.loc["dct", "Δ mask AP vs default"].startswith(f"{(a - b).mean():+.1f}")
+    assert t.loc["dct", "p (paired t-test)"] == f"{stats.ttest_rel(a, b).pvalue:.3f}"
+    ci = stats.t.ppf(0.975, 2) * a.std(ddof=1) / math.sqrt(3)
+    assert t.loc["dct", "mask AP"] == f"{a.mean():.1f} ± {ci:.1f} (n=3)"
+    assert t.loc["dct", "CPU/GPU-hours"] == "3.00" and t.loc["dct", "img/s"] == "10.0"
+    assert t.attrs["best"]["mask AP"] == ["dct"]
+
+
+def test_missing_cells_render_dash_never_zero() -> None:
+    base = _rows("mask_cost", "cosine", BASE_VALUES)
+    other = _rows("mask_cost", "dice", {0: 25.0}, segm_AP=None, segm_APs=None, wall_s=None, img_per_s=None)
+    t = axis_table(_frame(base, other), "mask_cost")
+    row = t.loc["dice"]
+    for col in ("mask AP", "APs", "Δ mask AP vs default", "p (paired t-test)", "CPU/GPU-hours", "img/s"):
+        assert row[col].startswith(DASH), (col, row[col])
+    cells = t.to_numpy().ravel()
+    assert not any(re.fullmatch(r"0(\.0+)?", c) or c.startswith("0.0 ") for c in cells)
+    md = to_markdown(t)
+    assert "†" in md and "missing" in md
+    assert r"\dag" in to_latex(t)
+
+
+def test_arm_without_row_for_a_seed() -> None:
+    df = _frame(_rows("attention", "self+dynamic", BASE_VALUES), _rows("attention", "self", {2: 28.0}))
+    t = axis_table(df, "attention")
+    assert t.loc["self", "mask AP"] == "28.0 (n=1)"  # n=1: no CI, says n=1
+    assert "±" not in t.loc["self", "mask AP"]
+    assert t.loc["self", "p (paired t-test)"].startswith(DASH)
+    assert t.loc["self", "Δ mask AP vs default"] == "-1.0 (n=1)"
+
+
+def test_markdown_structure_and_bold(emb: pd.DataFrame) -> None:
+    md = to_markdown(axis_table(emb, "embedding"))
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(lines) == 2 + 2
+    assert lines[0].startswith("| arm | mask AP |")
+    assert re.fullmatch(r"\|(:?-{3,}:?\|)+", lines[1])
+    assert all(ln.count("|") == lines[0].count("|") for ln in lines)
+    assert lines[2].startswith("| pca (default) |") and lines[3].startswith("| dct |")
+    assert "**" in lines[3]
+
+
+def test_latex_structure(emb: pd.DataFrame) -> None:
+    tex = to_latex(axis_table(emb, "embedding"))
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert tex.count(rule) == 1
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0]
+    rows = [ln for ln in body.strip().splitlines() if ln.strip()]
+    assert len(rows) == 2 and all(ln.endswith(r"\\") for ln in rows)
+    assert rows[0].startswith("pca (default)")
+    assert r"\textbf{" in tex and tex.count("{") == tex.count("}")
+
+
+def _write_study(root: Path, study: str, df: pd.DataFrame) -> None:
+    (root / study).mkdir(parents=True)
+    df.to_csv(root / study / "results.csv", index=False)
+
+
+def test_load_results_filters_and_errors(tmp_path: Path) -> None:
+    with pytest.raises(NoResultsError):
+        load_results(tmp_path)
+    df = _frame(_rows("loss", "l2", {0: 1.0}), _rows("loss", "dice", {0: 2.0}, status="failed"))
+    _write_study(tmp_path, "a", df)
+    out = load_results(tmp_path)
+    assert list(out.columns) == COLUMNS and list(out["arm"]) == ["l2"]
+    with pytest.raises(NoResultsError):
+        load_results(tmp_path, ["nope"])
+
+
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    _write_study(runs, "emb", _frame(_rows("embedding", "pca", {0: 30.0, 1: 31.0}, study="emb"),
+                                     _rows("embedding", "dct", {0: 29.0, 1: 29.5}, study="emb")))
+    _write_study(runs, "loss", _frame(_rows("loss", "l2+dice", {0: 30.0, 1: 31.0}, study="loss"),
+                                      _rows("loss", "l2", {0: 28.0, 1: 27.5}, study="loss")))
+    assert main(["--runs", str(runs), "--studies", "emb,loss", "--out", str(out)]) == 0
+    for axis, arms in {"embedding": ("pca", "dct"), "loss": ("l2+dice", "l2")}.items():
+        for ext in ("md", "tex", "csv"):
+            text = (out / f"{axis}.{ext}").read_text(encoding="utf-8")
+            assert all(a in text for a in arms), (axis, ext)
+    printed = capsys.readouterr().out
+    assert "## embedding" in printed and "## loss" in printed and "| l2 |" in printed
+    assert main(["--runs", str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_plots_cli_writes_png_and_pdf(tmp_path: Path) -> None:
+    from analysis import plots
+
+    runs = tmp_path / "runs"
+    _write_study(runs, "emb", _frame(_rows("embedding", "pca", {0: 30.0, 1: 31.0}, study="emb"),
+                                     _rows("embedding", "dct", {0: 29.0}, study="emb")))
+    assert plots.main(["--runs", str(runs), "--out", str(tmp_path / "fig")]) == 0
+    for ext in ("png", "pdf"):
+        assert (tmp_path / "fig" / f"embedding_mask_ap.{ext}").stat().st_size > 0
