@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -51,3 +53,21 @@ def load_results(runs: Path, studies: list[str] | None = None) -> pd.DataFrame:
     if df.empty:
         raise NoResultsError(f"no rows with status == complete in {', '.join(str(f) for f in files)}")
     return df
+
+
+def results_from_cli(
+    prog: str, description: str, default_out: Path, argv: list[str] | None
+) -> tuple[argparse.Namespace, pd.DataFrame | None]:
+    """Shared ``--runs/--studies/--out`` CLI of the analysis tools; the frame is None (after an error
+    message) when no results are found."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--runs", type=Path, default=Path("runs/sweeps"), help="folder holding <study>/results.csv")
+    ap.add_argument("--studies", default=None, help="comma-separated study names (default: all)")
+    ap.add_argument("--out", type=Path, default=default_out, help="output folder")
+    args = ap.parse_args(argv)
+    studies = [s for s in args.studies.split(",") if s] if args.studies else None
+    try:
+        return args, load_results(args.runs, studies)
+    except NoResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return args, None

@@ -5,8 +5,6 @@ CLI: `python -m analysis.plots --runs runs/sweeps [--studies a,b] --out results/
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.load import NoResultsError, load_results  # noqa: E402
+from analysis.load import results_from_cli  # noqa: E402
 from analysis.stats import ci_halfwidth, default_arm  # noqa: E402
 
 
@@ -56,16 +54,8 @@ def write_figures(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, default=Path("runs/sweeps"))
-    ap.add_argument("--studies", default=None, help="comma-separated study names (default: all)")
-    ap.add_argument("--out", type=Path, default=Path("results/figures"))
-    args = ap.parse_args(argv)
-    studies = [s for s in args.studies.split(",") if s] if args.studies else None
-    try:
-        df = load_results(args.runs, studies)
-    except NoResultsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args, df = results_from_cli("python -m analysis.plots", __doc__.splitlines()[0], Path("results/figures"), argv)
+    if df is None:
         return 2
     paths = write_figures(df, args.out)
     print(f"figures written to {args.out}/: {', '.join(p.name for p in paths)}")

@@ -6,14 +6,12 @@ per axis found and prints the Markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import NoResultsError, load_results
+from analysis.load import results_from_cli
 from analysis.stats import ci_halfwidth, default_arm, paired_vs_default
 
 METRIC_COLUMNS: dict[str, str] = {
@@ -180,16 +178,8 @@ def write_tables(df: pd.DataFrame, out: Path) -> dict[str, pd.DataFrame]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, default=Path("runs/sweeps"), help="folder holding <study>/results.csv")
-    ap.add_argument("--studies", default=None, help="comma-separated study names (default: all)")
-    ap.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    args = ap.parse_args(argv)
-    studies = [s for s in args.studies.split(",") if s] if args.studies else None
-    try:
-        df = load_results(args.runs, studies)
-    except NoResultsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args, df = results_from_cli("python -m analysis.tables", __doc__.splitlines()[0], Path("results"), argv)
+    if df is None:
         return 2
     tables = write_tables(df, args.out)
     for axis, table in tables.items():
