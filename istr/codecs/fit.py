@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,9 @@ def fit_or_load_codec(
     if path.is_file() and stats_path.is_file():
         return load_codec(path), json.loads(stats_path.read_text()), path
     log.info("fitting %s codec (dim %d) on %s", codec_cfg.type, codec_cfg.dim, annotation_file)
+    start = time.perf_counter()
     codec, stats = fit_codec(codec_cfg, coco, seed)
+    stats = {**stats, "fit_seconds": time.perf_counter() - start}
     path.parent.mkdir(parents=True, exist_ok=True)
     codec.save(path)
     atomic_write_json(stats_path, stats)

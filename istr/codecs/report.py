@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,11 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from istr.codecs import CODECS, MaskCodec, mask_iou
-from istr.codecs.fit import fingerprint, fit_or_load_codec
+from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config
 from istr.data.build import ensure_dataset, split_paths
 from istr.engine.evaluate import coco_evaluate, to_coco_results
-from istr.io import atomic_write_json, atomic_write_text
+from istr.io import atomic_write_text
 from istr.model.inference import paste_masks
 from istr.targets import crop_masks
 
@@ -196,25 +194,9 @@ def _params_for(codec_type: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fit_or_load(codec_cfg, train_json: Path, train_coco: COCO, cache_dir: Path, seed: int) -> tuple[MaskCodec, float]:
-    """``fit_or_load_codec`` plus the fit wall time, kept in a sidecar next to the cached codec.
-
-    Whether the codec was cached is decided before the call from its fingerprint (the cache layout of
-    ``fit_or_load_codec``); a codec cached without a sidecar (e.g. by a training run) reports NaN seconds.
-    """
-    expected = Path(cache_dir) / "codecs" / f"{codec_cfg.type}{codec_cfg.dim}-{fingerprint(train_json, codec_cfg)}.pt"
-    was_cached = expected.is_file() and expected.with_suffix(".json").is_file()
-    start = time.perf_counter()
-    codec, _, path = fit_or_load_codec(codec_cfg, train_json, train_coco, cache_dir, seed)
-    elapsed = time.perf_counter() - start
-    timing = path.with_name(f"{path.stem}.timing.json")
-    if path != expected:  # cache layout changed: fall back to the sidecar alone
-        was_cached = timing.is_file()
-    if not was_cached:
-        atomic_write_json(timing, {"fit_seconds": elapsed})
-        return codec, elapsed
-    if timing.is_file():
-        return codec, float(json.loads(timing.read_text())["fit_seconds"])
-    return codec, math.nan
+    """``fit_or_load_codec`` plus the fit wall time it records in the cached stats (NaN if unknown)."""
+    codec, stats, _ = fit_or_load_codec(codec_cfg, train_json, train_coco, cache_dir, seed)
+    return codec, float(stats.get("fit_seconds", math.nan))
 
 
 def codec_report(
