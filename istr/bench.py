@@ -15,7 +15,6 @@ train step and an ISTR inference into phases (forward hooks + wrappers, CUDA-syn
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import time
@@ -23,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from istr.bench_phases import istr_infer_phases, istr_train_phases, phase_summary, sync_device
 
 BACKBONES = {"r18": "resnet18", "r50": "resnet50", "r101": "resnet101"}
 MASK_SIZE = 28
@@ -118,11 +119,6 @@ def build_maskrcnn(backbone: str, num_classes: int, size: int, device: torch.dev
 
 
 # ----------------------------------------------------------------------------- steps
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Bench:
     """Holds both models and their inputs; each ``*_infer``/``*_train`` call is one timed unit."""
 
@@ -165,7 +161,7 @@ class Bench:
             results = postprocess(
                 outputs, self.codec, self.sizes, self.sizes, self.cfg.eval.max_detections, self.cfg.eval.mask_threshold
             )
-        _sync(self.device)
+        sync_device(self.device)
         self.detections["istr"] = sum(len(r["scores"]) for r in results) / self.batch
 
     def istr_train(self) -> None:
@@ -173,14 +169,14 @@ class Bench:
 
         self.model.train()
         train_step(self.state, self.istr_batch)  # .item() calls inside synchronise
-        _sync(self.device)
+        sync_device(self.device)
 
     def maskrcnn_infer(self) -> None:
         self.mrcnn.eval()
         with torch.no_grad(), self._autocast():
             results = self.mrcnn([img.float() / 255 for img in self.images])
             masks = [r["masks"][:, 0] > 0.5 for r in results]
-        _sync(self.device)
+        sync_device(self.device)
         self.detections["maskrcnn"] = sum(len(m) for m in masks) / self.batch
 
     def maskrcnn_train(self) -> None:
@@ -193,7 +189,7 @@ class Bench:
         torch.nn.utils.clip_grad_norm_(self.mrcnn.parameters(), self.cfg.train.clip_grad_norm)
         self.mrcnn_opt.step()
         float(loss.detach())
-        _sync(self.device)
+        sync_device(self.device)
 
 
 def _timed(fn) -> float:
@@ -212,138 +208,6 @@ def _stats(seconds: list[float], per: float) -> dict:
         "ms_median": 1000 * statistics.median(seconds),
         "n": len(seconds),
     }
-
-
-# ----------------------------------------------------------------------------- phases
-class PhaseTimer:
-    """Accumulates wall time per named phase; synchronises CUDA around every boundary."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.ms = device, defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        _sync(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _sync(self.device)
-            self.ms[name] += 1000 * (time.perf_counter() - start)
-
-    def wrap(self, name: str, fn):
-        def wrapped(*args, **kwargs):
-            with self(name):
-                return fn(*args, **kwargs)
-
-        return wrapped
-
-    def hook(self, module: torch.nn.Module, name: str) -> list:
-        starts: list[float] = []
-
-        def pre(*_):
-            _sync(self.device)
-            starts.append(time.perf_counter())
-
-        def post(*_):
-            _sync(self.device)
-            self.ms[name] += 1000 * (time.perf_counter() - starts.pop())
-
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-
-
-def istr_train_phases(b: Bench) -> tuple[dict[str, float], float]:
-    """One instrumented ISTR train step (same work as ``train_step``) -> ({phase: ms}, total ms)."""
-    from istr.losses import weighted_sum
-    from istr.targets import prepare_targets
-
-    t, model, state = PhaseTimer(b.device), b.model, b.state
-    matcher = b.criterion.matcher
-    handles = t.hook(model.backbone, "backbone+fpn") + t.hook(model.pooler, "roi_pooling")
-    matcher.match_stages = t.wrap("matcher", matcher.match_stages)  # instance attribute shadows the method
-    model.train()
-    try:
-        start = time.perf_counter()
-        with t("targets"):
-            targets = prepare_targets(b.istr_batch["targets"], b.sizes, b.codec, b.device)
-        with t("forward"), b._autocast():
-            outputs = model(b.images, b.sizes)
-        with t("criterion+matcher"):
-            loss = weighted_sum(b.criterion(outputs, targets), state.weights)
-            float(loss.detach())
-        with t("backward"):
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with t("optimizer"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad_norm)
-            state.optimizer.step()
-            state.scheduler.step()
-        _sync(b.device)
-        total = 1000 * (time.perf_counter() - start)
-    finally:
-        for h in handles:
-            h.remove()
-        del matcher.match_stages
-    ms = t.ms
-    phases = {
-        "targets (crop+encode)": ms["targets"],
-        "backbone+fpn": ms["backbone+fpn"],
-        "roi_pooling": ms["roi_pooling"],
-        "stages": ms["forward"] - ms["backbone+fpn"] - ms["roi_pooling"],
-        "matcher": ms["matcher"],
-        "criterion (incl. decode)": ms["criterion+matcher"] - ms["matcher"],
-        "backward": ms["backward"],
-        "optimizer": ms["optimizer"],
-    }
-    return phases, total
-
-
-def istr_infer_phases(b: Bench) -> tuple[dict[str, float], float]:
-    """One instrumented ISTR inference (+ RLE) -> ({phase: ms}, total ms)."""
-    import istr.model.inference as inference
-    from istr.engine.evaluate import to_coco_results
-
-    t, model = PhaseTimer(b.device), b.model
-    original_paste = inference.paste_masks
-    inference.paste_masks = t.wrap("paste", original_paste)
-    b.codec.decode = t.wrap("decode", b.codec.decode)
-    model.eval()
-    try:
-        start = time.perf_counter()
-        with torch.no_grad():
-            with t("model"), b._autocast():
-                outputs = model(b.images, b.sizes)
-            with t("postprocess"):
-                results = inference.postprocess(
-                    outputs, b.codec, b.sizes, b.sizes, b.cfg.eval.max_detections, b.cfg.eval.mask_threshold
-                )
-        with t("rle"):
-            category_ids = list(range(model.num_classes))
-            for i, r in enumerate(results):
-                to_coco_results(r, i, category_ids)
-        total = 1000 * (time.perf_counter() - start)
-    finally:
-        inference.paste_masks = original_paste
-        del b.codec.decode
-    ms = t.ms
-    phases = {
-        "model": ms["model"],
-        "topk (+rest of postprocess)": ms["postprocess"] - ms["decode"] - ms["paste"],
-        "decode": ms["decode"],
-        "paste (+threshold)": ms["paste"],
-        "rle_encode": ms["rle"],
-    }
-    return phases, total
-
-
-def _phase_summary(runs: list[tuple[dict[str, float], float]]) -> dict:
-    """Mean ms per phase over instrumented runs, % of the mean instrumented total."""
-    total = statistics.fmean(r[1] for r in runs)
-    out = {}
-    for name in runs[0][0]:
-        mean = statistics.fmean(r[0][name] for r in runs)
-        out[name] = {"ms": mean, "pct": 100 * mean / total}
-    return {"phases": out, "total_ms": total, "sum_ms": sum(v["ms"] for v in out.values()), "n": len(runs)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -420,10 +284,10 @@ def run_bench(
         "train": result["istr"]["train_steps_per_s"]["median"] / result["maskrcnn"]["train_steps_per_s"]["median"],
     }
     n_phase = max(1, phase_iters if phase_iters is not None else min(iters, 3))
-    train = _phase_summary([istr_train_phases(b) for _ in range(n_phase)])
+    train = phase_summary([istr_train_phases(b) for _ in range(n_phase)])
     share = sum(train["phases"][k]["pct"] for k in ("matcher", "criterion (incl. decode)"))
     train["matcher+criterion_pct"] = share
-    result["phases"] = {"train": train, "inference": _phase_summary([istr_infer_phases(b) for _ in range(n_phase)])}
+    result["phases"] = {"train": train, "inference": phase_summary([istr_infer_phases(b) for _ in range(n_phase)])}
     if json_path:
         atomic_write_json(Path(json_path), result)
     return result
