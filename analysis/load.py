@@ -12,9 +12,13 @@ METRICS = [f"{kind}_{m}" for kind in ("segm", "bbox") for m in ("AP", "AP50", "A
 COLUMNS = [
     "study", "axis", "arm", "cell_id", "seed", "preset", "status", *METRICS,
     "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
+    "codec_type", "codec_dim", "codec_iou",
 ]  # fmt: skip
-NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s"]
-STRING = ["study", "axis", "arm", "cell_id", "preset", "status", "device", "run_dir", "wandb_run_id", "finished_at"]
+NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s", "codec_dim", "codec_iou"]
+STRING = [
+    "study", "axis", "arm", "cell_id", "preset", "status", "device", "run_dir", "wandb_run_id", "finished_at",
+    "codec_type",
+]  # fmt: skip
 
 
 class NoResultsError(FileNotFoundError):
@@ -55,18 +59,57 @@ def load_results(runs: Path, studies: list[str] | None = None) -> pd.DataFrame:
     return df
 
 
+def load_wandb(entity: str, project: str, studies: list[str] | None = None) -> pd.DataFrame:
+    """The same frame from the W&B API (online): finished runs of `entity/project`, groups = studies."""
+    import wandb
+
+    from analysis.wandb_rows import wandb_rows
+
+    filters = {"group": {"$in": studies}} if studies else {}
+    df = normalize(pd.DataFrame(wandb_rows(wandb.Api().runs(f"{entity}/{project}", filters=filters))))
+    df = df[df["status"] == "complete"].reset_index(drop=True)
+    if df.empty:
+        raise NoResultsError(f"no finished runs in W&B project {entity}/{project} (groups: {studies or 'all'})")
+    return df
+
+
+def load_codec_report(path: Path | None) -> pd.DataFrame | None:
+    """`istr codec-report`'s codec_report.csv (type, dim, mask_iou, oracle_segm_AP, ...), or None if absent."""
+    if path is None or not Path(path).is_file():
+        return None
+    return pd.read_csv(path)
+
+
 def results_from_cli(
     prog: str, description: str, default_out: Path, argv: list[str] | None
 ) -> tuple[argparse.Namespace, pd.DataFrame | None]:
-    """Shared ``--runs/--studies/--out`` CLI of the analysis tools; the frame is None (after an error
-    message) when no results are found."""
+    """Shared CLI of the analysis tools (``--runs/--studies/--out``, ``--codec-report``, ``--source wandb``);
+    the frame is None (after an error message) when no results are found."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--runs", type=Path, default=Path("runs/sweeps"), help="folder holding <study>/results.csv")
     ap.add_argument("--studies", default=None, help="comma-separated study names (default: all)")
     ap.add_argument("--out", type=Path, default=default_out, help="output folder")
+    ap.add_argument(
+        "--codec-report",
+        type=Path,
+        default=None,
+        help="codec_report.csv of `istr codec-report` (the codec upper-bound table and IoU-vs-dim plot)",
+    )
+    ap.add_argument(
+        "--source",
+        choices=("local", "wandb"),
+        default="local",
+        help="local results.csv files (default) or the W&B API (online; needs --entity/--project)",
+    )
+    ap.add_argument("--entity", default=None, help="W&B entity (with --source wandb)")
+    ap.add_argument("--project", default=None, help="W&B project (with --source wandb)")
     args = ap.parse_args(argv)
     studies = [s for s in args.studies.split(",") if s] if args.studies else None
+    if args.source == "wandb" and not (args.entity and args.project):
+        ap.error("--source wandb needs --entity and --project")
     try:
+        if args.source == "wandb":
+            return args, load_wandb(args.entity, args.project, studies)
         return args, load_results(args.runs, studies)
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)

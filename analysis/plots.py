@@ -1,10 +1,12 @@
-"""Per-axis figures: mask AP per arm with its 95% CI (t-distribution over seeds), as PNG + PDF.
+"""The paper's ablation figures as PNG + PDF: per axis mask AP per arm (95% t-CI over seeds), learning curves
+per arm, mask AP and reconstruction IoU vs codec dimension, and prediction overlays (default arm vs another).
 
-CLI: `python -m analysis.plots --runs runs/sweeps [--studies a,b] --out results/figures/`.
+CLI: `python -m analysis.plots --runs runs/sweeps [--studies a,b] [--codec-report CSV] --out results/figures/`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.load import results_from_cli  # noqa: E402
+from analysis.load import load_codec_report, results_from_cli  # noqa: E402
 from analysis.stats import ci_halfwidth, default_arm  # noqa: E402
 
 
@@ -29,7 +31,7 @@ def axis_pointplot(df: pd.DataFrame, axis: str, metric: str = "segm_AP") -> plt.
     """Point plot of `metric` per arm of `axis` (default arm first), error bars = 95% t CI over seeds."""
     sub = df[(df["axis"] == axis) & df[metric].notna()]
     base, _ = default_arm(df, axis)
-    order = [base] + sorted(a for a in sub["arm"].unique() if a != base)
+    order = [a for a in _arm_order(df, axis) if a in set(sub["arm"])]
     fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(order), 3.2))
     sns.pointplot(data=sub, x="arm", y=metric, order=order, errorbar=_t_ci, linestyle="none", capsize=0.2, ax=ax)
     ax.set_xticks(range(len(order)), [a + "\n(default)" if a == base else a for a in order])
@@ -40,16 +42,110 @@ def axis_pointplot(df: pd.DataFrame, axis: str, metric: str = "segm_AP") -> plt.
     return fig
 
 
-def write_figures(df: pd.DataFrame, out: Path) -> list[Path]:
+def _arm_order(df: pd.DataFrame, axis: str) -> list[str]:
+    base, _ = default_arm(df, axis)
+    return [base] + sorted(a for a in df.loc[df["axis"] == axis, "arm"].dropna().unique() if a != base)
+
+
+def read_curves(df: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Per-step `loss` (and `eval/segm_AP` where logged) of every trial of `axis`, from its run's metrics.jsonl."""
+    frames = []
+    for row in df[df["axis"] == axis].itertuples():
+        path = Path(str(row.run_dir)) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        curve = pd.DataFrame(records)
+        if "step" not in curve or "loss" not in curve:
+            continue
+        # eval and train metrics of one step are separate lines, and a resumed run re-logs steps: merge per step
+        curve = curve.groupby("step", as_index=False).last()
+        curve["arm"], curve["seed"] = row.arm, row.seed
+        frames.append(curve)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def learning_curves(df: pd.DataFrame, axis: str) -> plt.Figure | None:
+    """Training loss vs step per arm (mean over seeds, band = 95% t-CI); mask AP vs step too when it was logged."""
+    curves = read_curves(df, axis)
+    if curves.empty:
+        return None
+    has_ap = "eval/segm_AP" in curves and curves["eval/segm_AP"].notna().any()
+    fig, axes = plt.subplots(1, 2 if has_ap else 1, figsize=(9.5 if has_ap else 5.0, 3.4), squeeze=False)
+    smooth = max(1, int(curves["step"].max()) // 50)  # per-step losses are noisy: rolling mean over ~2% of steps
+    curves["loss (smoothed)"] = curves.groupby(["arm", "seed"])["loss"].transform(
+        lambda x: x.rolling(smooth, min_periods=1).mean()
+    )
+    order = _arm_order(df, axis)
+    sns.lineplot(data=curves, x="step", y="loss (smoothed)", hue="arm", hue_order=order, errorbar=_t_ci, ax=axes[0, 0])
+    axes[0, 0].set_yscale("log")
+    if has_ap:
+        ap = curves.dropna(subset=["eval/segm_AP"])
+        sns.lineplot(data=ap, x="step", y="eval/segm_AP", hue="arm", hue_order=order, errorbar=_t_ci, marker="o",
+                     ax=axes[0, 1])  # fmt: skip
+        axes[0, 1].set_ylabel("mask AP (%)")
+    fig.suptitle(f"{axis}: learning curves (mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def codec_dim_figure(df: pd.DataFrame, report: pd.DataFrame | None) -> plt.Figure | None:
+    """Trained mask AP vs codec dim (the `embedding_dim` axis) beside reconstruction IoU vs dim (ISTR_SPEC §7.1).
+
+    IoU comes from `istr codec-report` (val split, every codec type in it) or, without a report, from the
+    trials' own codec fit (train split). None when neither has two or more dims.
+    """
+    trained = df[(df["axis"] == "embedding_dim") & df["segm_AP"].notna() & df["codec_dim"].notna()]
+    if report is not None and report["dim"].nunique() > 1:
+        iou, iou_label = report.dropna(subset=["mask_iou"]).rename(columns={"type": "codec"}), "val (codec-report)"
+    else:
+        iou = df[df["codec_dim"].notna() & df["codec_iou"].notna()].drop_duplicates("cell_id")
+        iou = iou.rename(columns={"codec_type": "codec", "codec_dim": "dim", "codec_iou": "mask_iou"})
+        iou_label = "train (trial codec fit)"
+    if trained["codec_dim"].nunique() < 2 and iou["dim"].nunique() < 2:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    if len(trained):
+        sns.pointplot(data=trained.astype({"codec_dim": int}), x="codec_dim", y="segm_AP", errorbar=_t_ci,
+                      capsize=0.2, ax=left)  # fmt: skip
+    left.set_xlabel("codec dim l")
+    left.set_ylabel("trained mask AP (%)")
+    left.set_title("mask AP vs dim (mean ± 95% CI)")
+    sns.lineplot(data=iou, x="dim", y="mask_iou", hue="codec", marker="o", errorbar=None, ax=right)
+    right.set_xlabel("codec dim l")
+    right.set_ylabel("reconstruction mask IoU")
+    right.set_title(f"reconstruction IoU vs dim, {iou_label}")
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+    paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def write_figures(
+    df: pd.DataFrame, out: Path, codec_report: pd.DataFrame | None = None, overlay_images: int = 3
+) -> list[Path]:
+    """Every figure the frame supports; `overlay_images=0` skips the prediction overlays (they load models)."""
+    from analysis.overlays import overlay_grid
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for axis in sorted(df["axis"].dropna().unique()):
-        fig = axis_pointplot(df, axis)
-        for ext in ("png", "pdf"):
-            path = out / f"{axis}_mask_ap.{ext}"
-            fig.savefig(path, dpi=150)
-            written.append(path)
-        plt.close(fig)
+        written += _save(axis_pointplot(df, axis), out, f"{axis}_mask_ap")
+        curves = learning_curves(df, axis)
+        if curves is not None:
+            written += _save(curves, out, f"{axis}_learning_curves")
+        grid = overlay_grid(df, axis, overlay_images) if overlay_images else None
+        if grid is not None:
+            written += _save(grid, out, f"{axis}_overlays")
+    dims = codec_dim_figure(df, codec_report)
+    if dims is not None:
+        written += _save(dims, out, "codec_dim")
     return written
 
 
@@ -57,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args, df = results_from_cli("python -m analysis.plots", __doc__.splitlines()[0], Path("results/figures"), argv)
     if df is None:
         return 2
-    paths = write_figures(df, args.out)
+    paths = write_figures(df, args.out, load_codec_report(args.codec_report))
     print(f"figures written to {args.out}/: {', '.join(p.name for p in paths)}")
     return 0
 

@@ -12,6 +12,7 @@ from scipy import stats
 # The paper's default arm of each ablation axis. An axis not listed falls back to its first arm alphabetically.
 DEFAULT_ARMS: dict[str, str] = {
     "embedding": "pca",
+    "embedding_dim": "60",
     "mask_cost": "cosine",
     "loss": "l2+dice",
     "attention": "self+dynamic",

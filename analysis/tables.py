@@ -1,7 +1,7 @@
 """The paper's per-axis ablation tables: mean ± 95% CI over seeds, paired Δ to the default arm, cost columns.
 
-CLI: `python -m analysis.tables --runs runs/sweeps [--studies a,b] --out results/` writes `<axis>.md/.tex/.csv`
-per axis found and prints the Markdown tables.
+CLI: `python -m analysis.tables --runs runs/sweeps [--studies a,b] [--codec-report CSV] --out results/` writes
+`<axis>.md/.tex/.csv` per axis found (+ `codec_upper_bound.*` for the codecs trained) and prints the Markdown tables.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import results_from_cli
+from analysis.load import load_codec_report, results_from_cli
 from analysis.stats import ci_halfwidth, default_arm, paired_vs_default
 
 METRIC_COLUMNS: dict[str, str] = {
@@ -36,6 +36,12 @@ FOOTNOTES = {
     NO_TEST: "no test: fewer than 2 seeds paired with the default arm, or identical paired differences.",
 }
 DEFAULT_SUFFIX = " (default)"
+AXIS_NOTES = [
+    "Cells: mean ± 95% CI half-width (t-distribution) over seeds; bold = best mean per column.",
+    "Δ and p: paired over matching seeds vs the default arm; p from a two-sided paired t-test.",
+]
+CODEC_AXES = ("embedding", "embedding_dim")  # the axes whose arms are (codec type, dim) pairs
+CODEC_ORDER = ("pca", "dct", "sparse", "ae")
 
 
 def _fmt_cell(values: pd.Series) -> tuple[str, float]:
@@ -93,12 +99,7 @@ def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
     columns = [*METRIC_COLUMNS.values(), DELTA_COL, P_COL, HOURS_COL, IPS_COL]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     table.index.name = "arm"
-    best: dict[str, list[str]] = {}
-    for col in METRIC_COLUMNS.values():
-        vals = {lab: m[col] for lab, m in means.items() if not math.isnan(m[col])}
-        if vals:
-            top = max(vals.values())
-            best[col] = [lab for lab, v in vals.items() if v == top]
+    best = _best_labels(means, METRIC_COLUMNS.values())
     used = "".join(table.to_numpy().ravel().astype(str))
     table.attrs = {
         "axis": axis,
@@ -106,6 +107,73 @@ def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
         "note": note,
         "best": best,
         "footnotes": {m: t for m, t in FOOTNOTES.items() if m in used},
+        "notes": AXIS_NOTES,
+    }
+    return table
+
+
+def _best_labels(means: dict[str, dict[str, float]], columns) -> dict[str, list[str]]:
+    best: dict[str, list[str]] = {}
+    for col in columns:
+        vals = {lab: m[col] for lab, m in means.items() if col in m and not math.isnan(m[col])}
+        if vals:
+            top = max(vals.values())
+            best[col] = [lab for lab, v in vals.items() if v == top]
+    return best
+
+
+def codec_table(df: pd.DataFrame, report: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Each trained codec's reconstruction upper bound beside its trained mask AP (ISTR_SPEC §7.1).
+
+    Rows = the (type, dim) codecs of the embedding axes' trials, the preset's default codec first; columns =
+    val reconstruction IoU and oracle mask AP from `istr codec-report` (`report`; "—" when absent), the
+    train-set IoU the trial's codec reported, the trained mask/box AP over seeds, and trained ÷ oracle AP.
+    None when no trial of a codec axis has codec columns.
+    """
+    sub = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"]).drop_duplicates("cell_id")
+    if sub.empty:
+        return None
+    default = sub[sub["axis"] == "embedding_dim"] if (sub["axis"] == "embedding_dim").any() else sub
+    default = default[default["arm"] == default_arm(default, str(default["axis"].iloc[0]))[0]]
+    default_key = (str(default["codec_type"].iloc[0]), int(default["codec_dim"].iloc[0])) if len(default) else None
+    order = {t: i for i, t in enumerate(CODEC_ORDER)}
+    keys = sorted({(str(t), int(d)) for t, d in zip(sub["codec_type"], sub["codec_dim"])},
+                  key=lambda k: (k != default_key, order.get(k[0], len(order)), k[0], k[1]))  # fmt: skip
+    rows: dict[str, dict[str, str]] = {}
+    means: dict[str, dict[str, float]] = {}
+    for ctype, dim in keys:
+        g = sub[(sub["codec_type"] == ctype) & (sub["codec_dim"] == dim)]
+        label = f"{ctype}-{dim}" + (DEFAULT_SUFFIX if (ctype, dim) == default_key else "")
+        match = report[(report["type"] == ctype) & (report["dim"] == dim)] if report is not None else pd.DataFrame()
+        val_iou = float(match["mask_iou"].iloc[0]) if len(match) else math.nan
+        oracle = float(match["oracle_segm_AP"].iloc[0]) if len(match) else math.nan
+        train_iou = g["codec_iou"].dropna()
+        row = {
+            "recon IoU (val)": DASH + MISSING if math.isnan(val_iou) else f"{val_iou:.3f}",
+            "oracle mask AP": DASH + MISSING if math.isnan(oracle) else f"{oracle:.1f}",
+            "recon IoU (train)": f"{train_iou.mean():.3f}" if len(train_iou) else DASH + MISSING,
+        }
+        row["trained mask AP"], mask_ap = _fmt_cell(g["segm_AP"])
+        row["trained box AP"], box_ap = _fmt_cell(g["bbox_AP"])
+        ratio = mask_ap / oracle if oracle > 0 and not math.isnan(mask_ap) else math.nan
+        row["trained / oracle"] = DASH + MISSING if math.isnan(ratio) else f"{100 * ratio:.0f}%"
+        rows[label] = row
+        means[label] = {"recon IoU (val)": val_iou, "oracle mask AP": oracle, "trained mask AP": mask_ap,
+                        "trained box AP": box_ap}  # fmt: skip
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "codec"
+    used = "".join(table.to_numpy().ravel().astype(str))
+    table.attrs = {
+        "axis": "codec_upper_bound",
+        "default_arm": f"{default_key[0]}-{default_key[1]}" if default_key else "",
+        "note": "Codec reconstruction upper bound (istr codec-report, val split) beside the trained mask AP.",
+        "best": _best_labels(means, ["recon IoU (val)", "oracle mask AP", "trained mask AP", "trained box AP"]),
+        "footnotes": {m: t for m, t in FOOTNOTES.items() if m in used},
+        "notes": [
+            "recon IoU: mean mask IoU of decode(encode(m)) vs m on 28x28 box crops; oracle mask AP: COCOeval of "
+            "GT boxes with codec-reconstructed GT masks (what a perfect regressor reaches with this codec).",
+            "trained: mean ± 95% CI half-width (t-distribution) over seeds; bold = best per column.",
+        ],
     }
     return table
 
@@ -116,14 +184,13 @@ def _is_best(table: pd.DataFrame, label: str, col: str) -> bool:
 
 def to_markdown(table: pd.DataFrame) -> str:
     """A hand-written GitHub pipe table; best means in `**bold**`, footnotes below."""
-    header = ["arm", *table.columns]
+    header = [table.index.name or "arm", *table.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(table.columns)) + "|"]
     for label, row in table.iterrows():
         cells = [f"**{v}**" if _is_best(table, label, col) else str(v) for col, v in row.items()]
         lines.append("| " + " | ".join([str(label), *cells]).replace("\n", " ") + " |")
     notes = [f"{m} {t}" for m, t in table.attrs.get("footnotes", {}).items()]
-    notes.append("Cells: mean ± 95% CI half-width (t-distribution) over seeds; bold = best mean per column.")
-    notes.append("Δ and p: paired over matching seeds vs the default arm; p from a two-sided paired t-test.")
+    notes.extend(table.attrs.get("notes", []))
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -164,16 +231,22 @@ def to_csv(table: pd.DataFrame) -> str:
     return table.to_csv()
 
 
-def write_tables(df: pd.DataFrame, out: Path) -> dict[str, pd.DataFrame]:
-    """Write `<axis>.md/.tex/.csv` into `out` for every axis in `df`; returns {axis: table}."""
+def _write(table: pd.DataFrame, out: Path, name: str) -> None:
+    (out / f"{name}.md").write_text(to_markdown(table), encoding="utf-8")
+    (out / f"{name}.tex").write_text(to_latex(table), encoding="utf-8")
+    (out / f"{name}.csv").write_text(to_csv(table), encoding="utf-8")
+
+
+def write_tables(df: pd.DataFrame, out: Path, codec_report: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Write `<axis>.md/.tex/.csv` into `out` for every axis in `df` (+ `codec_upper_bound.*` when the
+    embedding axes have codec columns); returns {name: table}."""
     out.mkdir(parents=True, exist_ok=True)
-    tables = {}
-    for axis in sorted(df["axis"].dropna().unique()):
-        table = axis_table(df, axis)
-        (out / f"{axis}.md").write_text(to_markdown(table), encoding="utf-8")
-        (out / f"{axis}.tex").write_text(to_latex(table), encoding="utf-8")
-        (out / f"{axis}.csv").write_text(to_csv(table), encoding="utf-8")
-        tables[axis] = table
+    tables = {axis: axis_table(df, axis) for axis in sorted(df["axis"].dropna().unique())}
+    codecs = codec_table(df, codec_report)
+    if codecs is not None:
+        tables["codec_upper_bound"] = codecs
+    for name, table in tables.items():
+        _write(table, out, name)
     return tables
 
 
@@ -181,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     args, df = results_from_cli("python -m analysis.tables", __doc__.splitlines()[0], Path("results"), argv)
     if df is None:
         return 2
-    tables = write_tables(df, args.out)
-    for axis, table in tables.items():
-        print(f"## {axis}\n\n{table.attrs['note']}\n\n{to_markdown(table)}")
-    print(f"tables written to {args.out}/ ({', '.join(f'{a}.md/.tex/.csv' for a in tables)})")
+    tables = write_tables(df, args.out, load_codec_report(args.codec_report))
+    for name, table in tables.items():
+        print(f"## {name}\n\n{table.attrs['note']}\n\n{to_markdown(table)}")
+    print(f"tables written to {args.out}/ ({', '.join(f'{n}.md/.tex/.csv' for n in tables)})")
     return 0
 
 

@@ -1,10 +1,11 @@
 """`istr bench`: ISTR vs torchvision Mask R-CNN, side by side in one process (issue 7).
 
-Both models see the same seeded uint8 batch (size x size) and synthetic targets, the same dtype
+Both models see the same seeded uint8 batch (height x width) and synthetic targets, the same dtype
 (fp32 on CPU, bf16 autocast on CUDA), the same norm (FrozenBatchNorm, all ResNet stages trainable,
 random weights, nothing downloaded) and the same AdamW + grad-clip step. Iterations alternate
 between the models (and which one goes first) so machine drift hits both. Warm-up iterations are
-excluded; medians and min/max over the timed iterations are reported.
+excluded; medians and min/max over the timed iterations are reported. ISTR gets the batch padded
+to a multiple of 32 as ``collate_batch`` does; Mask R-CNN gets it unpadded and pads it itself.
 
 Inference time is what a user gets: ISTR forward + ``postprocess`` (top-k, codec decode, paste,
 threshold); Mask R-CNN forward incl. its own postprocess (NMS, paste) + threshold. RLE encoding is
@@ -30,18 +31,21 @@ MASK_SIZE = 28
 
 
 # ----------------------------------------------------------------------------- inputs
-def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    """Seeded uint8 images [B,3,size,size] and per-image targets (3-6 boxes, rectangle/ellipse masks)."""
+def synthetic_batch(
+    batch: int, height: int, width: int, num_classes: int, seed: int = 0
+) -> tuple[torch.Tensor, list[dict]]:
+    """Seeded uint8 images [B,3,H,W] and per-image targets (3-6 boxes, rectangle/ellipse masks)."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
-    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    extent = torch.tensor([float(width), float(height)])  # (x, y)
     targets = []
     for _ in range(batch):
         n = int(torch.randint(3, 7, (1,), generator=g))
-        wh = (0.15 + 0.5 * torch.rand(n, 2, generator=g)) * size
-        x0y0 = torch.rand(n, 2, generator=g) * (size - wh)
-        boxes = torch.cat([x0y0, x0y0 + wh], 1).floor().clamp(0, size)
-        masks = torch.zeros(n, size, size, dtype=torch.uint8)
+        wh = (0.15 + 0.5 * torch.rand(n, 2, generator=g)) * extent
+        x0y0 = torch.rand(n, 2, generator=g) * (extent - wh)
+        boxes = torch.minimum(torch.cat([x0y0, x0y0 + wh], 1).floor().clamp(min=0), extent.repeat(2))
+        masks = torch.zeros(n, height, width, dtype=torch.uint8)
         for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
             inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
             if i % 2:  # ellipse inscribed in the box
@@ -98,8 +102,11 @@ def build_istr(backbone: str, num_classes: int, num_queries: int | None, device:
     return cfg, model, codec, optimizer, scheduler, criterion, loss_weights(cfg.loss)
 
 
-def build_maskrcnn(backbone: str, num_classes: int, size: int, device: torch.device, seed: int):
+def build_maskrcnn(backbone: str, num_classes: int, height: int, width: int, device: torch.device, seed: int):
     """torchvision Mask R-CNN (+1 background class) with ISTR's norm: FrozenBN, all 5 stages trainable.
+
+    ``min_size = min(H, W)`` and ``max_size = max(H, W)`` make its transform's resize scale exactly 1,
+    so it sees the H x W input as given (and pads it to a multiple of 32, as ISTR's collate does).
 
     Same structure as ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` except that
     builder picks plain BatchNorm when no weights are given; FrozenBN matches ISTR's ``frozen_bn``.
@@ -111,7 +118,9 @@ def build_maskrcnn(backbone: str, num_classes: int, size: int, device: torch.dev
 
     torch.manual_seed(seed)
     fpn = resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5)
-    model = MaskRCNN(fpn, num_classes=num_classes + 1, min_size=size, max_size=size, box_score_thresh=0.0)
+    model = MaskRCNN(
+        fpn, num_classes=num_classes + 1, min_size=min(height, width), max_size=max(height, width), box_score_thresh=0.0
+    )
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -122,23 +131,25 @@ def build_maskrcnn(backbone: str, num_classes: int, size: int, device: torch.dev
 class Bench:
     """Holds both models and their inputs; each ``*_infer``/``*_train`` call is one timed unit."""
 
-    def __init__(self, device, backbone, size, batch, num_classes, num_queries, seed=0):
+    def __init__(self, device, backbone, height, width, batch, num_classes, num_queries, seed=0):
+        from istr.data.collate import collate_batch
         from istr.engine.train import TrainState
 
-        self.device, self.batch, self.size, self.amp = device, batch, size, device.type == "cuda"
-        images, targets = synthetic_batch(batch, size, num_classes, seed)
+        self.device, self.batch, self.amp = device, batch, device.type == "cuda"
+        self.height, self.width = height, width
+        images, targets = synthetic_batch(batch, height, width, num_classes, seed)
         self.cfg, self.model, self.codec, opt, sched, self.criterion, weights = build_istr(
             backbone, num_classes, num_queries, device, seed
         )
         self.state = TrainState(
             self.model, self.codec, self.criterion, opt, sched, weights, device, self.amp, self.cfg.train.clip_grad_norm
         )
-        sizes = torch.tensor([[size, size]] * batch)
-        self.istr_batch = {"images": images, "image_sizes": sizes, "targets": targets}
-        self.images, self.sizes = images.to(device), sizes.to(device)
+        self.istr_batch = collate_batch(list(zip(images, targets)))  # padded to a multiple of 32
+        self.images, self.sizes = self.istr_batch["images"].to(device), self.istr_batch["image_sizes"].to(device)
         if device.type == "cuda":
             self.images = self.images.contiguous(memory_format=torch.channels_last)
-        self.mrcnn = build_maskrcnn(backbone, num_classes, size, device, seed)
+        self.mrcnn_images = [img[:, :height, :width] for img in self.images]  # unpadded views
+        self.mrcnn = build_maskrcnn(backbone, num_classes, height, width, device, seed)
         from istr.engine.train import build_optimizer
 
         self.mrcnn_opt, _ = build_optimizer(self.mrcnn, self.cfg.train)
@@ -174,7 +185,7 @@ class Bench:
     def maskrcnn_infer(self) -> None:
         self.mrcnn.eval()
         with torch.no_grad(), self._autocast():
-            results = self.mrcnn([img.float() / 255 for img in self.images])
+            results = self.mrcnn([img.float() / 255 for img in self.mrcnn_images])
             masks = [r["masks"][:, 0] > 0.5 for r in results]
         sync_device(self.device)
         self.detections["maskrcnn"] = sum(len(m) for m in masks) / self.batch
@@ -182,7 +193,7 @@ class Bench:
     def maskrcnn_train(self) -> None:
         self.mrcnn.train()
         with self._autocast():
-            losses = self.mrcnn([img.float() / 255 for img in self.images], self.mrcnn_targets)
+            losses = self.mrcnn([img.float() / 255 for img in self.mrcnn_images], self.mrcnn_targets)
         loss = sum(losses.values())
         self.mrcnn_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,8 +234,13 @@ def run_bench(
     num_queries: int | None = None,
     phase_iters: int | None = None,
     seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
 ) -> dict:
-    """Measure ISTR vs Mask R-CNN (inference img/s, train steps/s) + ISTR phases; return the JSON dict."""
+    """Measure ISTR vs Mask R-CNN (inference img/s, train steps/s) + ISTR phases; return the JSON dict.
+
+    Inputs are ``height x width``; either one left out is ``size``.
+    """
     import torchvision
 
     from istr.io import atomic_write_json
@@ -233,7 +249,8 @@ def run_bench(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("istr bench: --device cuda but torch.cuda.is_available() is False")
-    b = Bench(dev, backbone, size, batch, num_classes, num_queries, seed)
+    height, width = height or size, width or size
+    b = Bench(dev, backbone, height, width, batch, num_classes, num_queries, seed)
     units = {
         ("istr", "inference"): b.istr_infer,
         ("maskrcnn", "inference"): b.maskrcnn_infer,
@@ -256,7 +273,8 @@ def run_bench(
             else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "backbone": backbone,
-            "size": size,
+            "height": height,
+            "width": width,
             "batch": batch,
             "iters": iters,
             "warmup": warmup,
@@ -297,7 +315,8 @@ def format_table(result: dict) -> str:
     c = result["config"]
     lines = [
         f"istr bench: {c['device']} ({c['device_name']}, {c['threads']} threads)  {c['backbone']}  "
-        f"{c['size']}x{c['size']}  batch {c['batch']}  {c['dtype']}  {c['iters']} iters (+{c['warmup']} warm-up)",
+        f"{c['height']}x{c['width']} (HxW)  batch {c['batch']}  {c['dtype']}  "
+        f"{c['iters']} iters (+{c['warmup']} warm-up)",
         f"{'':20}{'ISTR':>24}{'Mask R-CNN':>24}{'ISTR/MRCNN':>12}",
     ]
     for key, label, ratio in (
@@ -327,7 +346,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _sweep_overhead(args: argparse.Namespace) -> None:
+    from istr.bench_sweep import DEFAULT_SETS, format_table, run_sweep_overhead
+
+    result = run_sweep_overhead(args.spec, args.preset, args.seeds, [*DEFAULT_SETS, *args.sets], args.root, args.json)
+    print(format_table(result))
+
+
 def _bench(args: argparse.Namespace) -> None:
+    if args.sweep_overhead:
+        _sweep_overhead(args)
+        return
     result = run_bench(
         args.device,
         BACKBONES[args.backbone],
@@ -338,6 +367,8 @@ def _bench(args: argparse.Namespace) -> None:
         args.json,
         num_queries=args.num_queries,
         phase_iters=args.phase_iters,
+        height=args.height,
+        width=args.width,
     )
     print(format_table(result))
     if args.json:
@@ -345,15 +376,35 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    """Register ``istr bench`` on an ``add_subparsers()`` object; the handler is ``args.func(args)``."""
+    """Register ``istr bench`` (and ``--sweep-overhead``) on an ``add_subparsers()`` object; ``args.func(args)``."""
     p = subparsers.add_parser("bench", help="ISTR vs torchvision Mask R-CNN speed, side by side (+ ISTR phases)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backbone", choices=tuple(BACKBONES), default="r50")
     p.add_argument("--size", type=int, default=512, help="square input side in pixels")
+    p.add_argument("--height", type=int, default=None, help="input height (default --size), e.g. 800")
+    p.add_argument("--width", type=int, default=None, help="input width (default --size), e.g. 1333")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--iters", type=int, default=10, help="timed iterations per model and mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--num-queries", type=int, default=None, help="ISTR queries (default: paper's 300)")
     p.add_argument("--phase-iters", type=int, default=None, help="instrumented ISTR runs (default min(iters, 3))")
     p.add_argument("--json", default=None, help="write the results here (atomic)")
+    g = p.add_argument_group("sweep harness overhead (istr.bench_sweep)")
+    g.add_argument(
+        "--sweep-overhead",
+        action="store_true",
+        help="instead of the model bench: time a real tiny sweep, split into harness and child time",
+    )
+    g.add_argument("--spec", default="attention", help="sweep spec: sweeps/<axis>.yaml or an axis name")
+    g.add_argument("--preset", default="tiny", help="experiments/<NAME>.yaml or a YAML path")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per arm (cells = arms x seeds)")
+    g.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for every trial, after train.max_steps=20 train.checkpoint_every=20",
+    )
+    g.add_argument("--root", default=None, help="empty folder for the studies, kept (default: a temp dir)")
     p.set_defaults(func=_bench)

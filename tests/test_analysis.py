@@ -74,7 +74,9 @@ def test_paired_only_matching_seeds_and_nan_below_two_pairs() -> None:
 
 
 def test_default_arms_and_fallback() -> None:
-    assert DEFAULT_ARMS == {"embedding": "pca", "mask_cost": "cosine", "loss": "l2+dice", "attention": "self+dynamic"}
+    assert DEFAULT_ARMS == {
+        "embedding": "pca", "embedding_dim": "60", "mask_cost": "cosine", "loss": "l2+dice", "attention": "self+dynamic"
+    }  # fmt: skip
     df = _frame(_rows("embedding", "pca-60", {0: 1.0}), _rows("embedding", "dct-60", {0: 1.0}))
     assert default_arm(df, "embedding")[0] == "pca-60"
     df = _frame(_rows("novel", "zeta", {0: 1.0}), _rows("novel", "alpha", {0: 1.0}))
@@ -182,3 +184,55 @@ def test_plots_cli_writes_png_and_pdf(tmp_path: Path) -> None:
     assert plots.main(["--runs", str(runs), "--out", str(tmp_path / "fig")]) == 0
     for ext in ("png", "pdf"):
         assert (tmp_path / "fig" / f"embedding_mask_ap.{ext}").stat().st_size > 0
+
+
+def _codec_frame() -> pd.DataFrame:
+    """embedding_dim arms 60 (default, 2 seeds) and 40; embedding arm dct-60; the default cell in both axes."""
+    default = _rows("embedding_dim", "60", {0: 20.0, 1: 22.0}, codec_type="pca", codec_dim=60, codec_iou=0.95)
+    shared = [{**r, "axis": "embedding", "arm": "pca"} for r in default]  # same cell ids: counted once
+    return _frame(
+        default,
+        shared,
+        _rows("embedding_dim", "40", {0: 10.0}, codec_type="pca", codec_dim=40, codec_iou=0.93),
+        _rows("embedding", "dct", {0: 12.0, 1: 14.0}, codec_type="dct", codec_dim=60, codec_iou=0.94),
+    )
+
+
+def test_codec_table_upper_bound_beside_trained_ap() -> None:
+    from analysis.tables import codec_table
+
+    report = pd.DataFrame(
+        {"type": ["pca", "pca", "dct"], "dim": [40, 60, 60], "mask_iou": [0.9, 0.95, 0.94],
+         "oracle_segm_AP": [80.0, 84.0, 90.0]}
+    )  # fmt: skip
+    table = codec_table(_codec_frame(), report)
+    assert list(table.index) == ["pca-60 (default)", "pca-40", "dct-60"]
+    default = table.loc["pca-60 (default)"]
+    mean = (20.0 + 22.0) / 2
+    half = stats.t.ppf(0.975, 1) * np.std([20, 22], ddof=1) / math.sqrt(2)
+    assert default["trained mask AP"] == f"{mean:.1f} ± {half:.1f} (n=2)"
+    assert default["oracle mask AP"] == "84.0" and default["recon IoU (val)"] == "0.950"
+    assert default["trained / oracle"] == f"{100 * mean / 84.0:.0f}%"
+    assert table.loc["pca-40", "trained mask AP"] == "10.0 (n=1)"
+    assert table.attrs["best"]["oracle mask AP"] == ["dct-60"]
+    no_report = codec_table(_codec_frame(), None)
+    assert no_report.loc["dct-60", "oracle mask AP"].startswith(DASH)  # never a made-up bound
+    assert "codec" in to_markdown(no_report).splitlines()[0]
+
+
+def test_tables_cli_writes_codec_table_from_report(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (runs / "emb").mkdir(parents=True)
+    _codec_frame().to_csv(runs / "emb" / "results.csv", index=False)
+    report = tmp_path / "codec_report.csv"
+    bound = pd.DataFrame({"type": ["pca"], "dim": [60], "mask_iou": [0.95], "oracle_segm_AP": [84.0]})
+    bound.to_csv(report, index=False)
+    assert main(["--runs", str(runs), "--codec-report", str(report), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "codec_upper_bound.md").read_text()
+    assert "| pca-60 (default) | **0.950** | **84.0** |" in text
+    assert (tmp_path / "out" / "embedding_dim.md").is_file()
+
+
+def test_source_wandb_needs_entity_and_project() -> None:
+    with pytest.raises(SystemExit):
+        main(["--source", "wandb"])

@@ -11,6 +11,7 @@ from istr.cli import main
 
 pytestmark = pytest.mark.slow
 
+
 def _check(result: dict) -> None:
     for name in ("istr", "maskrcnn"):
         for key in ("inference_img_per_s", "train_steps_per_s"):
@@ -44,3 +45,32 @@ def test_istr_bench_writes_valid_json(tmp_path, capsys):
     assert result["config"]["backbone"] == "resnet18"
     out = capsys.readouterr().out
     assert "ISTR/MRCNN" in out and "matcher+criterion" in out
+
+
+def test_istr_bench_non_square_records_both_sides(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = (
+        "bench --height 96 --width 140 --iters 1 --warmup 0 --backbone r18 --batch 1 --num-queries 16 --phase-iters 1"
+    )
+    assert main([*argv.split(), "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    _check(result)
+    assert (result["config"]["height"], result["config"]["width"]) == (96, 140)  # 140: padded to 160
+    assert "96x140 (HxW)" in capsys.readouterr().out
+
+
+def test_non_square_inputs_are_not_resized():
+    import torch
+
+    from istr.bench import build_maskrcnn, synthetic_batch
+
+    images, targets = synthetic_batch(2, 50, 70, num_classes=3)
+    assert images.shape == (2, 3, 50, 70)
+    for t in targets:
+        assert t["masks"].shape[1:] == (50, 70)
+        assert (t["boxes"][:, 0::2] <= 70).all() and (t["boxes"][:, 1::2] <= 50).all()
+        assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all()
+    # The paper's test size: Mask R-CNN's transform keeps 800x1333 (pads to 800x1344, as ISTR's collate).
+    model = build_maskrcnn("resnet18", 3, 800, 1333, torch.device("cpu"), 0).eval()
+    batch, _ = model.transform([torch.rand(3, 800, 1333)])
+    assert batch.image_sizes == [(800, 1333)] and tuple(batch.tensors.shape[-2:]) == (800, 1344)

@@ -51,8 +51,8 @@ def cell_dirs(root: Path, study: str) -> list[Path]:
 
 
 def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
-    expected = {"embedding": 8, "mask_cost": 8, "loss": 6, "attention": 6}
-    default_ids = set()
+    expected = {"embedding": 8, "embedding_dim": 8, "mask_cost": 8, "loss": 6, "attention": 6}
+    default_id = cell_identity(load_config(REPO / "experiments" / "tiny.yaml", ["seed=0"]))
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         spec = load_spec(path)
         raw = spec.raw
@@ -70,12 +70,10 @@ def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
         assert len(cells) == expected[path.stem]
         assert {c.seed for c in cells} == {0, 1}
         assert len(spec.with_seeds(3).cells()) == expected[path.stem] // 2 * 3
-        for cell in cells:  # every arm is a valid config for the preset
-            cfg = load_config(REPO / "experiments" / "tiny.yaml", cell.overrides)
-            if cell is cells[0]:
-                default_ids.add(cell_identity(cfg))
+        # every arm is a valid config for the preset, and the default arm is one cell shared by all axes
+        ids = {cell_identity(load_config(REPO / "experiments" / "tiny.yaml", cell.overrides)) for cell in cells}
+        assert default_id in ids, path.stem
     assert set(expected) <= {p.stem for p in (REPO / "sweeps").glob("*.yaml")}
-    assert len(default_ids) == 1  # the default arm is one cell shared by all four axes
 
 
 def test_grid_completes_rerun_trains_nothing_and_reuses_across_studies(tmp_path, tiny_cfg_factory):
@@ -261,15 +259,28 @@ def test_sweep_to_paper_tables_end_to_end(tmp_path, tiny_cfg_factory, monkeypatc
     assert (out / "figures" / "loss_mask_ap.png").is_file()
 
 
-def test_ablate_runs_an_axis_then_writes_tables(tmp_path, tiny_cfg_factory, monkeypatch):
+def test_ablate_runs_axes_then_writes_tables_and_figures(tmp_path, tiny_cfg_factory, monkeypatch):
+    """Issue 6 end to end: `istr ablate` -> per-axis tables, the codec upper-bound table (with a real codec
+    report), learning curves, the codec-dim figure and prediction overlays from the trials' checkpoints."""
     from istr.cli import main
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
+    (tmp_path / "sweeps").mkdir()  # the tiny test codec is 16-d: sweep dims 8 and 16 (cwd sweeps/ come first)
+    dims = (REPO / "sweeps" / "embedding_dim.yaml").read_text().replace("[40, 60, 80, 100]", "[8, 16]")
+    (tmp_path / "sweeps" / "embedding_dim.yaml").write_text(dims)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "results"
-    argv = ["ablate", "--preset", str(preset), "--axes", "attention", "--seeds", "1",
+    argv = ["ablate", "--preset", str(preset), "--axes", "attention,embedding_dim", "--seeds", "1",
             "--root", str(tmp_path / "runs"), "--out", str(out)]
     assert main(argv) == 0
     table = (out / "attention.md").read_text()
     assert all(arm in table for arm in ("self+dynamic (default)", "| self |", "| dynamic |"))
-    assert (out / "figures" / "attention_mask_ap.png").is_file()
+    report = (out / "codec_report.csv").read_text().splitlines()
+    assert len(report) == 3 and report[1].startswith("pca,8,")  # one row per codec trained
+    codecs = (out / "codec_upper_bound.md").read_text()
+    assert "| pca-16" in codecs and "| pca-8 |" in codecs and "—†" not in codecs.split("\n\n")[0]
+    figures = {p.name for p in (out / "figures").iterdir()}
+    for stem in ("attention_mask_ap", "attention_learning_curves", "attention_overlays", "codec_dim",
+                 "embedding_dim_overlays"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import itertools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -202,7 +203,14 @@ def _fit_or_load(codec_cfg, train_json: Path, train_coco: COCO, cache_dir: Path,
 def codec_report(
     cfg: Config, types: list[str], dims: list[int], out_dir: Path | None = None, max_val_images: int = 0
 ) -> pd.DataFrame:
-    """One row per (type, dim): reconstruction IoU and oracle segm AP on the val split (ISTR_SPEC §7.1).
+    """One row per (type, dim) of ``types`` x ``dims``; see ``codec_report_pairs``."""
+    return codec_report_pairs(cfg, list(itertools.product(types, dims)), out_dir, max_val_images)
+
+
+def codec_report_pairs(
+    cfg: Config, pairs: list[tuple[str, int]], out_dir: Path | None = None, max_val_images: int = 0
+) -> pd.DataFrame:
+    """One row per (type, dim) pair: reconstruction IoU and oracle segm AP on the val split (ISTR_SPEC §7.1).
 
     Codecs are fitted on the train split with ``cfg.codec`` (type/dim replaced; ``params`` filtered per
     type) and cached under ``cfg.cache_dir``. ``max_val_images > 0`` scores only the first that many val
@@ -214,22 +222,19 @@ def codec_report(
     val = load_val_set(cfg, max_val_images)
     n_val = int(val.iou_valid.sum())
     rows = []
-    for codec_type in types:
-        for dim in dims:
-            row: dict[str, Any] = {"type": codec_type, "dim": int(dim), "n_val_masks": n_val, "note": ""}
-            try:
-                codec_cfg = replace(
-                    cfg.codec, type=codec_type, dim=int(dim), params=_params_for(codec_type, dict(cfg.codec.params))
-                )
-                codec, row["fit_seconds"] = _fit_or_load(
-                    codec_cfg, train_json, train_coco, Path(cfg.cache_dir), cfg.seed
-                )
-                row.update(evaluate_codec(codec, val))
-            except Exception as err:  # one arm that cannot be built/fitted must not sink the whole report
-                log.warning("codec report: %s dim %s failed: %s", codec_type, dim, err)
-                row["note"] = f"{type(err).__name__}: {err}"
-            log.info("codec report: %s", row)
-            rows.append(row)
+    for codec_type, dim in pairs:
+        row: dict[str, Any] = {"type": codec_type, "dim": int(dim), "n_val_masks": n_val, "note": ""}
+        try:
+            codec_cfg = replace(
+                cfg.codec, type=codec_type, dim=int(dim), params=_params_for(codec_type, dict(cfg.codec.params))
+            )
+            codec, row["fit_seconds"] = _fit_or_load(codec_cfg, train_json, train_coco, Path(cfg.cache_dir), cfg.seed)
+            row.update(evaluate_codec(codec, val))
+        except Exception as err:  # one arm that cannot be built/fitted must not sink the whole report
+            log.warning("codec report: %s dim %s failed: %s", codec_type, dim, err)
+            row["note"] = f"{type(err).__name__}: {err}"
+        log.info("codec report: %s", row)
+        rows.append(row)
     df = pd.DataFrame(rows, columns=COLUMNS)
     numeric = [c for c in COLUMNS if c not in ("type", "dim", "n_val_masks", "note")]
     df[numeric] = df[numeric].astype(float)

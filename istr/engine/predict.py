@@ -71,11 +71,10 @@ def draw_overlay(image: Image.Image, prediction: dict, names: list[str], score_t
 
 
 @torch.no_grad()
-def predict_images(run: LoadedRun, image_paths: list[Path], out_dir: Path, score_threshold: float = 0.3) -> list[Path]:
-    """Run the model on image files and write ``<name>_pred.png`` overlays into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def overlay_images(run: LoadedRun, image_paths: list[Path], score_threshold: float = 0.3) -> list[Image.Image]:
+    """Run the model on image files; one prediction overlay (``draw_overlay``) per image."""
     transforms = build_transforms(False, [run.cfg.data.test_short_size], run.cfg.data.test_max_size)
-    written = []
+    overlays = []
     for path in image_paths:
         image = Image.open(path).convert("RGB")
         tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
@@ -93,7 +92,16 @@ def predict_images(run: LoadedRun, image_paths: list[Path], out_dir: Path, score
         prediction = postprocess(
             outputs, run.codec, sizes, orig, run.cfg.eval.max_detections, run.cfg.eval.mask_threshold
         )[0]
+        overlays.append(draw_overlay(image, prediction, run.category_names, score_threshold))
+    return overlays
+
+
+def predict_images(run: LoadedRun, image_paths: list[Path], out_dir: Path, score_threshold: float = 0.3) -> list[Path]:
+    """Run the model on image files and write ``<name>_pred.png`` overlays into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, overlay in zip(image_paths, overlay_images(run, image_paths, score_threshold)):
         target_path = out_dir / f"{Path(path).stem}_pred.png"
-        draw_overlay(image, prediction, run.category_names, score_threshold).save(target_path)
+        overlay.save(target_path)
         written.append(target_path)
     return written

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-AXES = ("embedding", "mask_cost", "loss", "attention")
+AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -60,8 +60,31 @@ def status_command(args: argparse.Namespace) -> None:
     _print_status(sweep_status(args.study, args.storage, Path(args.root)))
 
 
+def codec_upper_bounds(preset: Path, sets: list[str], root: Path, studies: list[str], out: Path) -> Path | None:
+    """``istr codec-report`` for every codec the embedding studies trained -> ``out/codec_report.csv``.
+
+    The reconstruction upper bound of the paper's mask-embedding table (ISTR_SPEC §7.1); None when the
+    studies hold no codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
+    """
+    from analysis.load import NoResultsError, load_results
+    from analysis.tables import CODEC_AXES
+    from istr.codecs.report import codec_report_pairs
+    from istr.config import load_config
+
+    try:
+        df = load_results(root, studies)
+    except NoResultsError:
+        return None
+    codecs = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
+    pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
+    if not pairs:
+        return None
+    codec_report_pairs(load_config(preset, sets), pairs, out)
+    return out / "codec_report.csv"
+
+
 def ablate_command(args: argparse.Namespace) -> list[dict]:
-    """The four axis sweeps as one job; the default arm (shared by all four) is trained once."""
+    """The axis sweeps as one job (the default arm, shared by all, is trained once), then the analysis."""
     from analysis import plots, tables
     from istr.sweep.runner import run_sweep
     from istr.sweep.spec import resolve_preset
@@ -78,8 +101,12 @@ def ablate_command(args: argparse.Namespace) -> list[dict]:
         print(json.dumps(counts))
     # Then the paper's tables and figures from the studies just run (analysis/, issue 6).
     selection = ["--runs", args.root, "--studies", ",".join(studies)]
+    report = codec_upper_bounds(preset, args.sets, Path(args.root), studies, Path(args.out))
+    if report is not None:
+        selection += ["--codec-report", str(report)]
     tables.main([*selection, "--out", args.out])
     plots.main([*selection, "--out", str(Path(args.out) / "figures")])
+    print(f"results: tables in {args.out}/ (*.md, *.tex, *.csv), figures in {Path(args.out) / 'figures'}/")
     return results
 
 
@@ -99,7 +126,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default="runs/sweeps")
     p.set_defaults(func=status_command)
 
-    p = sub.add_parser("ablate", help="the four ablation sweeps (embedding, mask_cost, loss, attention) as one job")
+    p = sub.add_parser("ablate", help="the ablation sweeps (embedding, embedding_dim, mask_cost, loss, "
+                       "attention) as one job, then the tables and figures")
     _common(p)
     p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
     p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")

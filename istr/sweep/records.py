@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text
@@ -26,6 +27,7 @@ COLUMNS = [
     "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
     # beyond the DESIGN.md contract (analysis reads columns by name):
     "reused_from", "train_s", "trial",
+    "codec_type", "codec_dim", "codec_iou",  # the cell's mask codec and its train reconstruction IoU
 ]
 TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, finished_at
 
@@ -37,6 +39,15 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def codec_record(run_dir: Path) -> dict[str, Any]:
+    """The run's codec (type, dim from config.yaml) and its reconstruction IoU (codec_stats.json)."""
+    try:
+        codec = OmegaConf.load(run_dir / "config.yaml").codec
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {"type": codec.type, "dim": codec.dim, "mask_iou": _read_json(run_dir / "codec_stats.json").get("mask_iou")}
+
+
 def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
     """One results row from a COMPLETE trial's user attrs and its run dir's files."""
     attrs = trial.user_attrs
@@ -45,6 +56,7 @@ def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
     ev = _read_json(run_dir / "eval.json") or stored.get("eval", {})
     summary = _read_json(run_dir / "train_summary.json") or stored.get("summary", {})
     record = _read_json(run_dir / TRIAL_RECORD) or stored.get("trial", {})
+    codec = codec_record(run_dir) or stored.get("codec", {})
     row: dict[str, Any] = {
         "study": study,
         "axis": attrs.get("axis", ""),
@@ -64,6 +76,9 @@ def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
         "reused_from": attrs.get("reused_from", ""),
         "train_s": summary.get("train_seconds"),
         "trial": trial.number,
+        "codec_type": codec.get("type"),
+        "codec_dim": codec.get("dim"),
+        "codec_iou": codec.get("mask_iou"),
     }
     for task in ("segm", "bbox"):
         for m in METRICS:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
 from istr.io import atomic_write_json
-from istr.sweep.records import TRIAL_RECORD, _read_json
+from istr.sweep.records import TRIAL_RECORD, _read_json, codec_record
 from istr.sweep.spec import arm_name, cell_identity, param_overrides
 from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lease
 
@@ -189,6 +189,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:
-    """The run dir's eval.json + train_summary.json + sweep_trial.json, copied into the storage."""
+    """The run dir's eval.json + train_summary.json + sweep_trial.json + codec, copied into the storage."""
     return {"eval": _read_json(run_dir / "eval.json"), "summary": _read_json(run_dir / "train_summary.json"),
-            "trial": _read_json(run_dir / TRIAL_RECORD)}
+            "trial": _read_json(run_dir / TRIAL_RECORD), "codec": codec_record(run_dir)}
