@@ -116,6 +116,32 @@ def test_two_workers_share_a_journal_and_run_each_cell_once(tmp_path, tiny_cfg_f
     assert len(read_rows(root, "two")) == 2
 
 
+def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tiny_cfg_factory):
+    """sweeps/hparams.yaml end to end: TPE trials in the spec's log/uniform bounds, budget = --trials."""
+    preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
+    root = tmp_path / "runs"
+    spec = load_spec(REPO / "sweeps" / "hparams.yaml")
+    args = dict(preset=str(preset), sets=["logging.wandb=false"], study_name="hp", root=root, progress=False)
+    counts = run_sweep(REPO / "sweeps" / "hparams.yaml", trials=3, **args)
+    assert counts["done"] == 3
+    study = optuna.load_study(study_name="hp", storage=open_storage(None, root, "hp"))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and len({t.params["train.lr"] for t in complete}) == 3
+    assert complete[0].distributions["train.lr"].log and not complete[0].distributions["loss.weight_l1"].log
+    for trial in complete:
+        for key in ("train.lr", "train.weight_decay", "loss.weight_class", "loss.weight_l1", "loss.weight_giou",
+                    "loss.weight_mask"):
+            bounds = spec.parameters[key]
+            assert bounds["min"] <= trial.params[key] <= bounds["max"], key
+        cfg = load_config(Path(trial.user_attrs["run_dir"]) / "config.yaml")
+        assert cfg.train.lr == pytest.approx(trial.params["train.lr"])  # the suggestion reached the training
+    rows = read_rows(root, "hp")
+    assert len(rows) == 3 and all(r["axis"] == "hparams" and "train.lr=" in r["arm"] for r in rows)
+    before = metrics_lines(cell_dirs(root, "hp"))
+    assert run_sweep(REPO / "sweeps" / "hparams.yaml", trials=3, **args)["done"] == 3
+    assert metrics_lines(cell_dirs(root, "hp")) == before  # the budget is spent: nothing trains again
+
+
 def test_killed_worker_leaves_cell_rerunnable(tmp_path, tiny_cfg_factory):
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"], "train.checkpoint_every=1")
     root = tmp_path / "runs"

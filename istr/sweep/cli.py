@@ -49,7 +49,7 @@ def sweep_command(args: argparse.Namespace) -> None:
         raise SpecError(f"unexpected argument {args.study!r} after the spec (did you mean --name?)")
     counts = run_sweep(args.spec, preset=args.preset, seeds=args.seeds, sets=args.sets, study_name=args.name,
                        workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
-                       root=Path(args.root))
+                       root=Path(args.root), trials=args.trials)
     _print_status(counts)
 
 
@@ -118,6 +118,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("study", nargs="?", default=None, help=argparse.SUPPRESS)
     _common(p)
     p.add_argument("--name", default=None, help="study name (default <axis>-<preset>)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trial budget of a random/bayes spec (default: its run_cap); grids run every cell")
     p.set_defaults(func=sweep_command)
 
     p = sub.add_parser("sweep-status", help="cells done/running/failed/remaining of a study")

@@ -112,14 +112,14 @@ def _worker_main(plan: SweepPlan) -> None:
 
 
 def build_plan(spec_path, preset=None, seeds=None, sets=(), study_name=None, storage_url=None,
-               trial_timeout=None, root=Path("runs/sweeps"), lease_ttl=LEASE_TTL_S):
+               trial_timeout=None, root=Path("runs/sweeps"), lease_ttl=LEASE_TTL_S, trials=None):
     spec = load_spec(spec_path).with_seeds(seeds)
     preset_path = resolve_preset(preset or spec.preset)
     name = study_name or f"{spec.axis}-{preset_path.stem}"
     plan = SweepPlan(study=name, axis=spec.axis, method=spec.method, metric=spec.metric, goal=spec.goal,
                      preset=preset_path.as_posix(), parameters=spec.parameters, sets=list(sets),
                      storage_url=storage_url, root=str(root), trial_timeout=trial_timeout,
-                     lease_ttl=lease_ttl, n_trials=spec.run_cap)
+                     lease_ttl=lease_ttl, n_trials=trials or spec.run_cap)
     return spec, plan
 
 
@@ -127,9 +127,13 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
               sets: list[str] | tuple[str, ...] = (), study_name: str | None = None, workers: int = 1,
               storage_url: str | None = None, trial_timeout: float | None = None,
               root: Path = Path("runs/sweeps"), lease_ttl: float = LEASE_TTL_S,
-              progress: bool | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns :func:`istr.sweep.records.status_counts` + results path."""
-    spec, plan = build_plan(spec_path, preset, seeds, sets, study_name, storage_url, trial_timeout, root, lease_ttl)
+              progress: bool | None = None, trials: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns :func:`istr.sweep.records.status_counts` + results path.
+
+    ``trials`` is the budget of a random/bayes spec (default: the spec's W&B ``run_cap``); a grid runs its cells.
+    """
+    spec, plan = build_plan(spec_path, preset, seeds, sets, study_name, storage_url, trial_timeout, root, lease_ttl,
+                            trials)
     study = prepare_study(plan, spec.cells() if spec.method == "grid" else None)
     counts = status_counts(study)
     bar = tqdm(total=counts["total"], initial=counts["done"], desc=f"sweep {plan.study}", unit="cell",
