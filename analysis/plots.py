@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis.load import load_codec_report, results_from_cli  # noqa: E402
-from analysis.stats import ci_halfwidth, default_arm  # noqa: E402
+from analysis.stats import arm_order, ci_halfwidth, default_arm  # noqa: E402
 
 
 def _t_ci(x: pd.Series) -> tuple[float, float]:
@@ -31,7 +31,7 @@ def axis_pointplot(df: pd.DataFrame, axis: str, metric: str = "segm_AP") -> plt.
     """Point plot of `metric` per arm of `axis` (default arm first), error bars = 95% t CI over seeds."""
     sub = df[(df["axis"] == axis) & df[metric].notna()]
     base, _ = default_arm(df, axis)
-    order = [a for a in _arm_order(df, axis) if a in set(sub["arm"])]
+    order = [a for a in arm_order(df, axis) if a in set(sub["arm"])]
     fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(order), 3.2))
     sns.pointplot(data=sub, x="arm", y=metric, order=order, errorbar=_t_ci, linestyle="none", capsize=0.2, ax=ax)
     ax.set_xticks(range(len(order)), [a + "\n(default)" if a == base else a for a in order])
@@ -40,11 +40,6 @@ def axis_pointplot(df: pd.DataFrame, axis: str, metric: str = "segm_AP") -> plt.
     ax.set_title(f"{axis}: mean ± 95% CI over seeds")
     fig.tight_layout()
     return fig
-
-
-def _arm_order(df: pd.DataFrame, axis: str) -> list[str]:
-    base, _ = default_arm(df, axis)
-    return [base] + sorted(a for a in df.loc[df["axis"] == axis, "arm"].dropna().unique() if a != base)
 
 
 def read_curves(df: pd.DataFrame, axis: str) -> pd.DataFrame:
@@ -76,7 +71,7 @@ def learning_curves(df: pd.DataFrame, axis: str) -> plt.Figure | None:
     curves["loss (smoothed)"] = curves.groupby(["arm", "seed"])["loss"].transform(
         lambda x: x.rolling(smooth, min_periods=1).mean()
     )
-    order = _arm_order(df, axis)
+    order = arm_order(df, axis)
     sns.lineplot(data=curves, x="step", y="loss (smoothed)", hue="arm", hue_order=order, errorbar=_t_ci, ax=axes[0, 0])
     axes[0, 0].set_yscale("log")
     if has_ap:

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-# The paper's default arm of each ablation axis. An axis not listed falls back to its first arm alphabetically.
+# The paper's default arm of each ablation axis. An axis not listed falls back to its first arm
+# (`arm_sort_key` order).
 DEFAULT_ARMS: dict[str, str] = {
     "embedding": "pca",
     "embedding_dim": "60",
@@ -19,12 +20,27 @@ DEFAULT_ARMS: dict[str, str] = {
 }
 
 
+def arm_sort_key(arm: str) -> tuple[int, float, str]:
+    """Numeric arms (codec dims) in numeric order, then the others alphabetically."""
+    try:
+        return 0, float(arm), ""
+    except ValueError:
+        return 1, 0.0, arm
+
+
+def arm_order(df: pd.DataFrame, axis: str) -> list[str]:
+    """The arms of `axis`: its default arm first, then `arm_sort_key` order."""
+    base, _ = default_arm(df, axis)
+    return [base] + sorted((a for a in df.loc[df["axis"] == axis, "arm"].dropna().unique() if a != base),
+                           key=arm_sort_key)  # fmt: skip
+
+
 def default_arm(df: pd.DataFrame, axis: str) -> tuple[str, str]:
     """The default arm for `axis` and a note on how it was chosen.
 
     If the mapped default (e.g. `pca`) is absent but exactly one arm is `<default>-...` (`pca-60`), that arm is used.
     """
-    arms = sorted(str(a) for a in df.loc[df["axis"] == axis, "arm"].dropna().unique())
+    arms = sorted((str(a) for a in df.loc[df["axis"] == axis, "arm"].dropna().unique()), key=arm_sort_key)
     if not arms:
         raise ValueError(f"axis {axis!r} has no rows")
     mapped = DEFAULT_ARMS.get(axis)
@@ -34,7 +50,8 @@ def default_arm(df: pd.DataFrame, axis: str) -> tuple[str, str]:
         prefixed = [a for a in arms if a.startswith(mapped + "-")]
         if len(prefixed) == 1:
             return prefixed[0], f"default arm of {axis!r} is {prefixed[0]!r} (DEFAULT_ARMS {mapped!r})"
-    return arms[0], f"axis {axis!r}: no known default arm present; using the first arm alphabetically, {arms[0]!r}"
+    note = "no known default arm present; using the first arm (numbers ascending, then alphabetically)"
+    return arms[0], f"axis {axis!r}: {note}, {arms[0]!r}"
 
 
 def ci_halfwidth(values: np.ndarray | pd.Series, confidence: float = 0.95) -> float:

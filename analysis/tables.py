@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.load import load_codec_report, results_from_cli
-from analysis.stats import ci_halfwidth, default_arm, paired_vs_default
+from analysis.stats import arm_order, ci_halfwidth, default_arm, paired_vs_default
 
 METRIC_COLUMNS: dict[str, str] = {
     "segm_AP": "mask AP",
@@ -67,7 +67,7 @@ def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
     """
     sub = df[df["axis"] == axis]
     base, note = default_arm(df, axis)
-    arms = [base] + sorted(a for a in sub["arm"].dropna().unique() if a != base)
+    arms = arm_order(df, axis)
     labels = [a + DEFAULT_SUFFIX if a == base else a for a in arms]
     paired = paired_vs_default(sub, "segm_AP", base).set_index("arm")
 
@@ -130,11 +130,12 @@ def codec_table(df: pd.DataFrame, report: pd.DataFrame | None) -> pd.DataFrame |
     train-set IoU the trial's codec reported, the trained mask/box AP over seeds, and trained ÷ oracle AP.
     None when no trial of a codec axis has codec columns.
     """
-    sub = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"]).drop_duplicates("cell_id")
-    if sub.empty:
+    trials = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
+    if trials.empty:
         return None
-    default = sub[sub["axis"] == "embedding_dim"] if (sub["axis"] == "embedding_dim").any() else sub
-    default = default[default["arm"] == default_arm(default, str(default["axis"].iloc[0]))[0]]
+    axis = str(trials["axis"].iloc[0])
+    default = trials[(trials["axis"] == axis) & (trials["arm"] == default_arm(trials, axis)[0])]
+    sub = trials.drop_duplicates("cell_id")  # the default cell is a row of both codec axes
     default_key = (str(default["codec_type"].iloc[0]), int(default["codec_dim"].iloc[0])) if len(default) else None
     order = {t: i for i, t in enumerate(CODEC_ORDER)}
     keys = sorted({(str(t), int(d)) for t, d in zip(sub["codec_type"], sub["codec_dim"])},

@@ -191,8 +191,8 @@ def _codec_frame() -> pd.DataFrame:
     default = _rows("embedding_dim", "60", {0: 20.0, 1: 22.0}, codec_type="pca", codec_dim=60, codec_iou=0.95)
     shared = [{**r, "axis": "embedding", "arm": "pca"} for r in default]  # same cell ids: counted once
     return _frame(
+        shared,  # before the embedding_dim rows: the default must not depend on which copy comes first
         default,
-        shared,
         _rows("embedding_dim", "40", {0: 10.0}, codec_type="pca", codec_dim=40, codec_iou=0.93),
         _rows("embedding", "dct", {0: 12.0, 1: 14.0}, codec_type="dct", codec_dim=60, codec_iou=0.94),
     )
@@ -236,3 +236,10 @@ def test_tables_cli_writes_codec_table_from_report(tmp_path: Path) -> None:
 def test_source_wandb_needs_entity_and_project() -> None:
     with pytest.raises(SystemExit):
         main(["--source", "wandb"])
+
+
+def test_numeric_arms_sort_numerically_after_the_default() -> None:
+    df = _frame(*(_rows("embedding_dim", str(d), {0: 1.0}) for d in (100, 40, 60, 80)))
+    assert list(axis_table(df, "embedding_dim").index) == ["60 (default)", "40", "80", "100"]
+    df = _frame(*(_rows("new_axis", str(d), {0: 1.0}) for d in (100, 40)))
+    assert list(axis_table(df, "new_axis").index) == ["40 (default)", "100"]  # no known default: smallest

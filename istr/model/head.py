@@ -31,11 +31,10 @@ class DynamicConv(nn.Module):
         self.norm3 = nn.LayerNorm(hidden_dim)
 
     def conv_params(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        params = self.dynamic_layer(queries)
-        split = self.hidden_dim * self.dynamic_dim
-        first = params[:, :split].view(-1, self.hidden_dim, self.dynamic_dim)
-        second = params[:, split:].view(-1, self.dynamic_dim, self.hidden_dim)
-        return first, second
+        # split, not slicing: its backward concatenates the two grads, where each slice's backward
+        # would zero-fill and add a full [N, 2*d*dynamic_dim] tensor (~10% of a CPU train step)
+        first, second = self.dynamic_layer(queries).split(self.hidden_dim * self.dynamic_dim, dim=1)
+        return first.view(-1, self.hidden_dim, self.dynamic_dim), second.view(-1, self.dynamic_dim, self.hidden_dim)
 
     def forward(self, queries: Tensor, roi_features: Tensor) -> Tensor:
         """queries [N, d], roi_features [N, S*S, d] -> [N, d]."""

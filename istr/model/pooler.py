@@ -44,25 +44,32 @@ class GridSamplePooler(nn.Module):
         self.output_size, self.sampling_ratio = output_size, max(1, sampling_ratio)
 
     def sample_grid(self, boxes: Tensor, stride: int, height: int, width: int) -> Tensor:
-        """Normalised grid_sample coordinates [..., P, P, 2] of the RoIAlign sampling points (P = S*r)."""
-        points = self.output_size * self.sampling_ratio
-        steps = (torch.arange(points, device=boxes.device, dtype=boxes.dtype) + 0.5) / points
+        """Normalised grid_sample coordinates [..., S*S, r*r, 2] of the RoIAlign sampling points.
+
+        Bins in row-major order, then the r x r samples of each bin (row-major), so one bin's samples
+        are adjacent in ``grid_sample``'s output and average over its contiguous last dim.
+        """
+        s, r = self.output_size, self.sampling_ratio
+        steps = (torch.arange(s * r, device=boxes.device, dtype=boxes.dtype) + 0.5) / (s * r)
         x0, y0, x1, y1 = (boxes / stride).unbind(-1)
         xs = (x0 - 0.5)[..., None] + (x1 - x0)[..., None] * steps  # feature-pixel coordinates (aligned=True)
         ys = (y0 - 0.5)[..., None] + (y1 - y0)[..., None] * steps
-        gx = (2 * xs + 1) / width - 1  # align_corners=False convention
-        gy = (2 * ys + 1) / height - 1
-        return torch.stack(torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]), dim=-1)
+        gx = ((2 * xs + 1) / width - 1).unflatten(-1, (s, r))  # align_corners=False convention; [..., S, r]
+        gy = ((2 * ys + 1) / height - 1).unflatten(-1, (s, r))
+        # [..., S_y, S_x, r_y, r_x, 2]
+        gx = gx[..., None, :, None, :].expand(*gx.shape[:-2], s, s, r, r)
+        gy = gy[..., :, None, :, None].expand(*gy.shape[:-2], s, s, r, r)
+        return torch.stack((gx, gy), dim=-1).flatten(-5, -4).flatten(-3, -2)
 
     def pool_level(self, feature: Tensor, boxes: Tensor, stride: int) -> Tensor:
         """feature [B,C,H,W], boxes [B,m,4] on this level -> [B, m, S*S, C]."""
         batch, m = boxes.shape[:2]
-        s, r = self.output_size, self.sampling_ratio
-        grid = self.sample_grid(boxes, stride, feature.shape[-2], feature.shape[-1])  # [B,m,P,P,2]
+        grid = self.sample_grid(boxes, stride, feature.shape[-2], feature.shape[-1])  # [B,m,S*S,r*r,2]
         sampled = F.grid_sample(feature, grid.flatten(1, 2), align_corners=False, padding_mode="border")
-        if r > 1:  # average the r x r samples of each bin, before any reshuffling of the data
-            sampled = F.avg_pool2d(sampled, r)  # [B, C, m*S, S]
-        return sampled.unflatten(2, (m, s)).permute(0, 2, 3, 4, 1).reshape(batch, m, s * s, -1)
+        # [B, C, m*S*S]: mean of each bin's r x r samples; sum then scale, so the backward's division
+        # runs on this r*r times smaller tensor
+        pooled = sampled.sum(-1) / self.sampling_ratio**2
+        return pooled.transpose(1, 2).unflatten(1, (m, self.output_size**2))
 
     def forward(self, features: dict[str, Tensor], boxes: Tensor) -> Tensor:
         """features P2-P5 [B,C,H,W], boxes [B,k,4] -> RoI tokens [B*k, S*S, C]."""
