@@ -73,7 +73,6 @@ def learning_curves(df: pd.DataFrame, axis: str) -> plt.Figure | None:
     )
     order = arm_order(df, axis)
     sns.lineplot(data=curves, x="step", y="loss (smoothed)", hue="arm", hue_order=order, errorbar=_t_ci, ax=axes[0, 0])
-    axes[0, 0].set_yscale("log")
     if has_ap:
         ap = curves.dropna(subset=["eval/segm_AP"])
         sns.lineplot(data=ap, x="step", y="eval/segm_AP", hue="arm", hue_order=order, errorbar=_t_ci, marker="o",
