@@ -76,6 +76,30 @@ def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
     assert set(expected) <= {p.stem for p in (REPO / "sweeps").glob("*.yaml")}
 
 
+def test_wandb_agent_command_trains_the_cells_of_the_optuna_harness():
+    """What `wandb agent` would run for each cell (W&B's own ${args_no_hyphens} expansion and macro
+    substitution) parses as `istr train` and resolves to the cell the local harness trains."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    from istr.cli import build_parser
+
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        spec = load_spec(path)
+        if spec.method != "grid":
+            continue
+        for cell in spec.cells():
+            agent_vars = create_sweep_command_args({"args": {k: {"value": v} for k, v in cell.params.items()}})
+            agent_vars.update(env=["/usr/bin/env"], interpreter=["python"])
+            command = []
+            for chunk in spec.raw["command"]:  # the agent's own macro substitution (wandb_agent.py)
+                command += agent_vars.get(chunk[2:-1], []) if chunk.startswith("${") else [chunk]
+            assert command[:4] == ["/usr/bin/env", "python", "-m", "istr"], command
+            args = build_parser().parse_args(command[4:])
+            cfg = load_config(REPO / args.config, args.overrides)
+            harness = load_config(REPO / spec.preset, cell.overrides)
+            assert cell_identity(cfg) == cell_identity(harness), (path.stem, cell.params)
+
+
 def test_grid_completes_rerun_trains_nothing_and_reuses_across_studies(tmp_path, tiny_cfg_factory):
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
     root = tmp_path / "runs"

@@ -142,3 +142,9 @@ def test_wandb_offline_run_is_written_and_disabled_is_respected(tiny_cfg_factory
     train(tiny_cfg_factory("logging.wandb=true", "train.max_steps=2"), run_dir)
     assert not list(run_dir.glob("wandb/offline-run-*"))
     assert (run_dir / "eval.json").is_file()
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_RUN_ID", "agent0run")  # what `wandb agent` sets for the run it launched
+    run_dir = tmp_path / "agent"
+    train(tiny_cfg_factory("logging.wandb=true", "train.max_steps=2"), run_dir)
+    assert json.loads((run_dir / "train_summary.json").read_text())["wandb_run_id"] == "agent0run"

@@ -70,7 +70,12 @@ class WandbSink(Sink):
             import wandb
 
             mode = os.environ.get("WANDB_MODE", mode)
-            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            # a resumed run keeps its id; under `wandb agent` the agent has chosen the id (WANDB_RUN_ID)
+            run_id = (
+                id_file.read_text().strip()
+                if id_file.is_file()
+                else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+            )
             self.run = wandb.init(
                 project=project,
                 entity=entity or None,
