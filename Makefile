@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The four ablations at demo scale (60 steps a cell, 2 seeds) -> results/*.md|tex|csv + figures/.
+# The five ablation sweeps at demo scale (60 steps a cell, 2 seeds, 2 trials at a time sharing the
+# CPU cores) -> results/*.md|tex|csv + figures/.
 demo: $(STAMP)
-	$(BIN)/python -m istr ablate --preset tiny --seeds 2 --set train.max_steps=60 \
+	$(BIN)/python -m istr ablate --preset tiny --seeds 2 --workers 2 --set train.max_steps=60 \
 	  --set train.checkpoint_every=60 --name demo --out results
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.

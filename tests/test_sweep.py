@@ -100,6 +100,20 @@ def test_wandb_agent_command_trains_the_cells_of_the_optuna_harness():
             assert cell_identity(cfg) == cell_identity(harness), (path.stem, cell.params)
 
 
+def test_workers_split_the_cpu_threads_which_do_not_change_the_cell(tiny_cfg_factory):
+    from istr.sweep.runner import build_plan, threads_per_trial
+
+    assert threads_per_trial(1) == 0 and threads_per_trial(10**6) == 1
+    assert threads_per_trial(2) == max(1, (os.cpu_count() or 1) // 2)
+    one, three = tiny_cfg_factory("train.num_threads=1"), tiny_cfg_factory("train.num_threads=3")
+    assert cell_identity(one) == cell_identity(three) != cell_identity(tiny_cfg_factory("train.lr=1e-3"))
+    cell = load_spec(REPO / "sweeps" / "loss.yaml").cells()[0]
+    _, plan = build_plan(REPO / "sweeps" / "loss.yaml", workers=10**6)
+    assert load_config(plan.preset, plan.overrides(cell.params)).train.num_threads == 1
+    _, plan = build_plan(REPO / "sweeps" / "loss.yaml", workers=10**6, sets=["train.num_threads=5"])
+    assert load_config(plan.preset, plan.overrides(cell.params)).train.num_threads == 5  # --set wins
+
+
 def test_grid_completes_rerun_trains_nothing_and_reuses_across_studies(tmp_path, tiny_cfg_factory):
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
     root = tmp_path / "runs"

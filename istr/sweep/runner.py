@@ -11,6 +11,7 @@ after every trial.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -111,15 +112,24 @@ def _worker_main(plan: SweepPlan) -> None:
     worker_loop(plan)
 
 
+def threads_per_trial(workers: int) -> int:
+    """CPU threads per training when ``workers`` trials share this machine (0 = torch's default).
+
+    Several trainings each using every core oversubscribe the CPU and run many times slower.
+    """
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+
+
 def build_plan(spec_path, preset=None, seeds=None, sets=(), study_name=None, storage_url=None,
-               trial_timeout=None, root=Path("runs/sweeps"), lease_ttl=LEASE_TTL_S, trials=None):
+               trial_timeout=None, root=Path("runs/sweeps"), lease_ttl=LEASE_TTL_S, trials=None, workers=1):
     spec = load_spec(spec_path).with_seeds(seeds)
     preset_path = resolve_preset(preset or spec.preset)
     name = study_name or f"{spec.axis}-{preset_path.stem}"
     plan = SweepPlan(study=name, axis=spec.axis, method=spec.method, metric=spec.metric, goal=spec.goal,
                      preset=preset_path.as_posix(), parameters=spec.parameters, sets=list(sets),
                      storage_url=storage_url, root=str(root), trial_timeout=trial_timeout,
-                     lease_ttl=lease_ttl, n_trials=trials or spec.run_cap)
+                     lease_ttl=lease_ttl, n_trials=trials or spec.run_cap,
+                     threads_per_trial=threads_per_trial(workers))
     return spec, plan
 
 
@@ -133,7 +143,7 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
     ``trials`` is the budget of a random/bayes spec (default: the spec's W&B ``run_cap``); a grid runs its cells.
     """
     spec, plan = build_plan(spec_path, preset, seeds, sets, study_name, storage_url, trial_timeout, root, lease_ttl,
-                            trials)
+                            trials, workers)
     study = prepare_study(plan, spec.cells() if spec.method == "grid" else None)
     counts = status_counts(study)
     bar = tqdm(total=counts["total"], initial=counts["done"], desc=f"sweep {plan.study}", unit="cell",

@@ -123,13 +123,15 @@ def param_overrides(params: dict[str, Any]) -> list[str]:
 
 
 def cell_identity(cfg: Config) -> str:
-    """Cell id = hash of the resolved config with ``logging.*`` reset to defaults.
+    """Cell id = hash of the resolved config with ``logging.*`` and ``train.num_threads`` reset to defaults.
 
     Logging (W&B group/job type, progress bars) does not change what is trained, and differs
-    between studies by design, so it is left out: the default arm is one cell in all four axes.
+    between studies by design, so it is left out: the default arm is one cell in all axes. The CPU
+    thread count is how a cell runs (the harness sets it from ``--workers``), not what it trains.
     """
     cfg = copy.deepcopy(cfg)
     cfg.logging = LoggingConfig()
+    cfg.train.num_threads = type(cfg.train)().num_threads
     return config_hash(cfg)
 
 

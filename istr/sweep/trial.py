@@ -49,11 +49,14 @@ class SweepPlan:
     trial_timeout: float | None = None
     lease_ttl: float = LEASE_TTL_S
     n_trials: int = 0
+    threads_per_trial: int = 0  # 0 = torch's default
 
     def base_overrides(self) -> list[str]:
-        """W&B logging for every trial (``--set logging.wandb=false`` turns it off), then ``--set``."""
+        """W&B logging for every trial (``--set logging.wandb=false`` turns it off), the CPU threads of
+        each trial when several share the machine, then ``--set`` (which wins)."""
+        threads = [f"train.num_threads={self.threads_per_trial}"] if self.threads_per_trial else []
         return ["logging.wandb=true", f"logging.wandb_group={self.study}",
-                f"logging.wandb_job_type={self.axis}", "logging.progress=false", *self.sets]
+                f"logging.wandb_job_type={self.axis}", "logging.progress=false", *threads, *self.sets]
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         return [*self.base_overrides(), *param_overrides(params)]
