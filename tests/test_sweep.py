@@ -343,7 +343,8 @@ def test_ablate_runs_axes_then_writes_tables_and_figures(tmp_path, tiny_cfg_fact
     report = (out / "codec_report.csv").read_text().splitlines()
     assert len(report) == 3 and report[1].startswith("pca,8,")  # one row per codec trained
     codecs = (out / "codec_upper_bound.md").read_text()
-    assert "| pca-16" in codecs and "| pca-8 |" in codecs and "—†" not in codecs.split("\n\n")[0]
+    # DEFAULT_ARMS' "60" is absent here, so the smallest dim is the default arm
+    assert "| pca-8 (default) |" in codecs and "| pca-16 |" in codecs and "—†" not in codecs.split("\n\n")[0]
     figures = {p.name for p in (out / "figures").iterdir()}
     for stem in ("attention_mask_ap", "attention_learning_curves", "attention_overlays", "codec_dim",
                  "embedding_dim_overlays"):
