@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from istr.bench_phases import istr_infer_phases, istr_train_phases, phase_summary, sync_device
+from istr.bench_sweep import add_sweep_overhead_arguments
 
 BACKBONES = {"r18": "resnet18", "r50": "resnet50", "r101": "resnet101"}
 MASK_SIZE = 28
@@ -346,16 +347,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _sweep_overhead(args: argparse.Namespace) -> None:
-    from istr.bench_sweep import DEFAULT_SETS, format_table, run_sweep_overhead
-
-    result = run_sweep_overhead(args.spec, args.preset, args.seeds, [*DEFAULT_SETS, *args.sets], args.root, args.json)
-    print(format_table(result))
-
-
 def _bench(args: argparse.Namespace) -> None:
     if args.sweep_overhead:
-        _sweep_overhead(args)
+        from istr.bench_sweep import sweep_overhead_command
+
+        sweep_overhead_command(args)
         return
     result = run_bench(
         args.device,
@@ -389,22 +385,5 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--num-queries", type=int, default=None, help="ISTR queries (default: paper's 300)")
     p.add_argument("--phase-iters", type=int, default=None, help="instrumented ISTR runs (default min(iters, 3))")
     p.add_argument("--json", default=None, help="write the results here (atomic)")
-    g = p.add_argument_group("sweep harness overhead (istr.bench_sweep)")
-    g.add_argument(
-        "--sweep-overhead",
-        action="store_true",
-        help="instead of the model bench: time a real tiny sweep, split into harness and child time",
-    )
-    g.add_argument("--spec", default="attention", help="sweep spec: sweeps/<axis>.yaml or an axis name")
-    g.add_argument("--preset", default="tiny", help="experiments/<NAME>.yaml or a YAML path")
-    g.add_argument("--seeds", type=int, default=1, help="seeds per arm (cells = arms x seeds)")
-    g.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra override for every trial, after train.max_steps=20 train.checkpoint_every=20",
-    )
-    g.add_argument("--root", default=None, help="empty folder for the studies, kept (default: a temp dir)")
+    add_sweep_overhead_arguments(p)
     p.set_defaults(func=_bench)

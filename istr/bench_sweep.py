@@ -15,6 +15,7 @@ step budget in an empty root, then splits its wall time:
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -169,3 +170,31 @@ def format_table(result: dict[str, Any]) -> str:
         f"{u['per_trial_s']:.3f} s per trial, trained {u['trained']}",
     ]
     return "\n".join(lines)
+
+
+def add_sweep_overhead_arguments(parser: argparse.ArgumentParser) -> None:
+    """``istr bench --sweep-overhead`` and its options, on the ``istr bench`` parser."""
+    g = parser.add_argument_group("sweep harness overhead (istr.bench_sweep)")
+    g.add_argument(
+        "--sweep-overhead",
+        action="store_true",
+        help="instead of the model bench: time a real tiny sweep, split into harness and child time",
+    )
+    g.add_argument("--spec", default="attention", help="sweep spec: sweeps/<axis>.yaml or an axis name")
+    g.add_argument("--preset", default="tiny", help="experiments/<NAME>.yaml or a YAML path")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per arm (cells = arms x seeds)")
+    g.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for every trial, after train.max_steps=20 train.checkpoint_every=20",
+    )
+    g.add_argument("--root", default=None, help="empty folder for the studies, kept (default: a temp dir)")
+
+
+def sweep_overhead_command(args: argparse.Namespace) -> None:
+    """``istr bench --sweep-overhead``: run, print the table (and write ``--json``)."""
+    result = run_sweep_overhead(args.spec, args.preset, args.seeds, [*DEFAULT_SETS, *args.sets], args.root, args.json)
+    print(format_table(result))
