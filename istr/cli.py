@@ -55,6 +55,15 @@ def _codec_report(args: argparse.Namespace) -> None:
     print(f"written to {args.out}/codec_report.csv and .md")
 
 
+def _pretrain_backbone(args: argparse.Namespace) -> None:
+    from istr.config import load_config
+    from istr.engine.pretrain import resolve_backbone_weights
+    from istr.sweep.spec import resolve_preset
+
+    cfg = load_config(resolve_preset(args.preset), [*args.overrides, "model.pretrained=auto"])
+    print(f"pretrained backbone: {resolve_backbone_weights(cfg)}")
+
+
 def _train(args: argparse.Namespace) -> None:
     from istr.config import config_hash, load_config
     from istr.engine.train import train
@@ -116,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("pretrain-backbone", help="pretrain the backbone of model.pretrained=auto once (cached)")
+    p.add_argument("--preset", default="tiny", help="experiments/<NAME>.yaml or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=_pretrain_backbone)
 
     p = sub.add_parser("codec-report", help="reconstruction IoU + oracle segm AP of mask codecs on the val masks")
     p.add_argument("--config", required=True)

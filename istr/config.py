@@ -38,6 +38,16 @@ class SynthConfig:
 
 
 @dataclass
+class CropConfig:
+    """Training crop before the multi-scale resize (docs/method.md, "Training recipe"); off = none."""
+
+    type: str = "none"  # none | relative_range | absolute_range (detectron2's RandomCrop)
+    size: list[float] = field(default_factory=lambda: [0.7, 0.7])
+    prob: float = 0.5
+    pre_crop_sizes: list[int] = field(default_factory=lambda: [400, 500, 600])
+
+
+@dataclass
 class DataConfig:
     """COCO-format data; paths other than ``root`` are relative to ``root``."""
 
@@ -57,6 +67,7 @@ class DataConfig:
     size_divisibility: int = 32
     num_workers: int = 2
     validate: bool = True
+    crop: CropConfig = field(default_factory=CropConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -76,7 +87,9 @@ class ModelConfig:
     """ISTR architecture (ISTR_SPEC §4)."""
 
     backbone: str = "resnet50"
-    pretrained: str = ""  # optional LOCAL path to torchvision ResNet weights; never downloaded
+    # auto: the project's own backbone, pretrained once on generated shapes and cached
+    # (istr pretrain-backbone); none: from scratch; else a LOCAL torchvision ResNet state dict.
+    pretrained: str = "none"
     norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn (from scratch)
     hidden_dim: int = 256
     num_queries: int = 300
@@ -87,7 +100,7 @@ class ModelConfig:
     pooler_resolution: int = 7
     pooler_sampling_ratio: int = 2
     pooler: str = "roi_align"  # roi_align (torchvision) | grid_sample (same sampling, multi-threaded on CPU)
-    mask_head_layers: int = 3
+    head_layers: int = 3  # Linear-LN-ELU blocks of the class, box and mask towers
     attention: str = "self+dynamic"
     prior_prob: float = 0.01
     dropout: float = 0.0
@@ -166,12 +179,24 @@ class LoggingConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``model.pretrained=auto``: the backbone pretrained once on generated shapes (docs/method.md)."""
+
+    num_images: int = 2000
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed_offset: int = 1000  # generator seed = data.synth.seed + this: images disjoint from the ablation's
+
+
+@dataclass
 class Config:
     seed: int = 0
     cache_dir: str = "runs/cache"
     data: DataConfig = field(default_factory=DataConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

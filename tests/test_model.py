@@ -183,7 +183,7 @@ def test_backbone_levels(tiny_cfg):
 def test_missing_pretrained_file_is_never_downloaded(tmp_path):
     path = tmp_path / "missing.pth"
     with pytest.raises(FileNotFoundError, match="never downloaded") as info:
-        BackboneFPN("resnet18", 32, pretrained=str(path))
+        BackboneFPN("resnet18", 32, weights=path)
     assert str(path) in str(info.value)
 
 
@@ -193,7 +193,7 @@ def test_loads_local_resnet18_weights(tmp_path, wrap):
     state = resnet18(weights=None).state_dict()
     path = tmp_path / "r18.pth"
     torch.save({"model": state} if wrap else state, path)
-    backbone = BackboneFPN("resnet18", 32, pretrained=str(path))
+    backbone = BackboneFPN("resnet18", 32, weights=path)
     body = backbone.body
     torch.testing.assert_close(body.conv1.weight, state["conv1.weight"])
     torch.testing.assert_close(body.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
@@ -206,4 +206,40 @@ def test_weights_matching_nothing_are_rejected(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="no weights matching"):
-        BackboneFPN("resnet18", 32, pretrained=str(path))
+        BackboneFPN("resnet18", 32, weights=path)
+
+
+def test_initial_queries_add_the_image_feature_to_the_query_embedding(tiny_cfg):
+    """Reference query init: learnable embedding + sum over P2-P5 of each level's global average."""
+    model = make_model(tiny_cfg).eval()
+    seen = {}
+    stage0 = model.stages[0]
+    original = stage0.forward
+    stage0.forward = lambda queries, rois, boxes: seen.setdefault("q", queries) is not None and original(
+        queries, rois, boxes)
+    images = run_images()
+    with torch.no_grad():
+        model(images, IMAGE_SIZES)
+        x = (images.float() - model.pixel_mean) / model.pixel_std
+        expected = sum(level.mean(dim=(2, 3)) for level in model.backbone(x).values())
+    torch.testing.assert_close(seen["q"], model.query_features.weight[None] + expected[:, None, :])
+    assert not torch.allclose(seen["q"][0], seen["q"][1])  # two images start from different queries
+
+
+def test_class_and_box_towers_are_three_linear_ln_elu_blocks(tiny_cfg):
+    stage = make_model(tiny_cfg).stages[0]
+    for tower in (stage.cls_tower, stage.reg_tower, stage.mask_tower):
+        kinds = [type(m) for m in tower]
+        assert kinds == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.ELU] * 3
+    one = make_model(tiny_cfg, head_layers=1).stages[0]
+    assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in stage.parameters())
+
+
+def test_loads_a_whole_backbone_fpn_state_dict(tmp_path):
+    torch.manual_seed(2)
+    source = BackboneFPN("resnet18", 32, norm="bn")
+    path = tmp_path / "backbone.pt"
+    torch.save(source.state_dict(), path)
+    loaded = BackboneFPN("resnet18", 32, norm="bn", weights=path)
+    torch.testing.assert_close(loaded.fpn.inner_blocks[0][0].weight, source.fpn.inner_blocks[0][0].weight)
+    torch.testing.assert_close(loaded.body.layer3[0].conv1.weight, source.body.layer3[0].conv1.weight)

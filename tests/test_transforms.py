@@ -7,6 +7,8 @@ import torch
 
 from istr.data.transforms import (
     Compose,
+    RandomApply,
+    RandomCrop,
     RandomHorizontalFlip,
     ResizeShortestEdge,
     build_transforms,
@@ -111,3 +113,47 @@ def test_build_transforms() -> None:
     assert test(*_sample())[1]["size"] == (32, 48)
     with pytest.raises(ValueError, match="test_size"):
         build_transforms(False, [32, 48], 100)
+
+
+@pytest.mark.parametrize("crop_type,size", [("relative_range", [0.7, 0.7]), ("absolute_range", [20, 30])])
+def test_random_crop_keeps_boxes_and_masks_inside_the_crop(crop_type, size) -> None:
+    torch.manual_seed(0)
+    for _ in range(20):
+        image, target = _sample()
+        out_image, out = RandomCrop(crop_type, size)(image, target)
+        ch, cw = out_image.shape[-2:]
+        if crop_type == "relative_range":
+            assert 28 <= ch <= 40 and 42 <= cw <= 60
+        else:
+            assert 20 <= ch <= 30 and 20 <= cw <= 30
+        assert out["size"] == (ch, cw) and out["masks"].shape[-2:] == (ch, cw)
+        assert len(out["boxes"]) == len(out["labels"]) == len(out["masks"])
+        for box, mask in zip(out["boxes"], out["masks"], strict=True):
+            # The crop clips the box exactly where it clips the (rectangular) mask.
+            torch.testing.assert_close(box, _tight_box(mask))
+            # The image pixels under the mask are still the rectangle's colour.
+            assert (out_image[:, mask.bool()] == COLOUR[:, None]).all()
+
+
+def test_random_crop_drops_an_instance_outside_the_crop() -> None:
+    image, target = _sample(height=40, width=60)
+    torch.manual_seed(0)
+    dropped = 0
+    for _ in range(30):
+        _, out = RandomCrop("absolute_range", [8, 8])(image, target)
+        dropped += len(out["boxes"]) == 0
+        assert out["masks"].flatten(1).any(1).all()  # no empty mask survives
+    assert dropped > 0
+
+
+def test_train_transforms_with_crop_apply_it_with_its_probability() -> None:
+    crop = RandomCrop("relative_range", [0.5, 0.5])
+    train = build_transforms(True, [40], 100, 0.0, crop=crop, crop_prob=1.0, pre_crop_sizes=[40])
+    assert isinstance(train.transforms[0], RandomApply)
+    torch.manual_seed(0)
+    image, target = _sample()
+    # pre-resize (short 40: unchanged) -> crop to <= 40x60 -> resize short side back to 40
+    _, out = train(image, target)
+    assert min(out["size"]) == 40
+    never = build_transforms(True, [40], 100, 0.0, crop=crop, crop_prob=0.0)
+    assert never(*_sample())[0].shape[-2:] == (40, 60)

@@ -14,7 +14,7 @@ from istr.data.coco import CocoInstances, DatasetError
 from istr.data.collate import collate_batch
 from istr.data.sampler import ResumableBatchSampler, SeededSamples
 from istr.data.synth import generate_synthetic_coco
-from istr.data.transforms import build_transforms
+from istr.data.transforms import RandomCrop, build_transforms
 from istr.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,11 @@ def ensure_dataset(data_cfg) -> None:
 def build_dataset(data_cfg, split: str, train: bool) -> CocoInstances:
     json_path, image_dir = split_paths(data_cfg, split)
     if train:
+        crop = data_cfg.crop
         transforms = build_transforms(
-            True, list(data_cfg.train_short_sizes), data_cfg.train_max_size, data_cfg.flip_prob
+            True, list(data_cfg.train_short_sizes), data_cfg.train_max_size, data_cfg.flip_prob,
+            None if crop.type == "none" else RandomCrop(crop.type, list(crop.size)), crop.prob,
+            list(crop.pre_crop_sizes),
         )
     else:
         transforms = build_transforms(False, [data_cfg.test_short_size], data_cfg.test_max_size)

@@ -24,6 +24,7 @@ from istr.data.build import build_dataset, build_eval_loader, build_train_loader
 from istr.engine import dist as D
 from istr.engine.checkpoint import load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
+from istr.engine.pretrain import resolve_backbone_weights
 from istr.engine.sinks import JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
 from istr.losses import SetCriterion, build_criterion, loss_weights, weighted_sum
@@ -200,7 +201,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     train_set = build_dataset(cfg.data, "train", train=True)
     codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
-    model = build_model(cfg.model, train_set.num_classes, codec.dim).to(info.device)
+    if info.is_main:
+        resolve_backbone_weights(cfg)  # pretrains and caches an 'auto' backbone once (one-time cost)
+    D.barrier()
+    model = build_model(cfg.model, train_set.num_classes, codec.dim, resolve_backbone_weights(cfg, build=False))
+    model = model.to(info.device)
     if info.device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg.train)

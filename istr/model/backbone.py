@@ -27,25 +27,25 @@ LEVEL_NAMES = ("p2", "p3", "p4", "p5")
 class BackboneFPN(nn.Module):
     """ResNet stages C2-C5 -> FPN P2-P5 with ``out_channels`` channels, strides 4-32."""
 
-    def __init__(self, name: str, out_channels: int, norm: str = "frozen_bn", pretrained: str = "") -> None:
+    def __init__(self, name: str, out_channels: int, norm: str = "frozen_bn", weights: Path | None = None) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(RESNETS)}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
         body = RESNETS[name](weights=None, norm_layer=NORMS[norm])
-        if pretrained:
-            load_local_weights(body, Path(pretrained))
-            # Freeze the stem like detectron2/Sparse R-CNN when starting from pretrained weights.
-            for module in (body.conv1, body.bn1):
-                module.requires_grad_(False)
+        stage_channels = [_out_channels(getattr(body, f"layer{i}")) for i in range(1, 5)]
         self.body = IntermediateLayerGetter(
             body, return_layers={"layer1": "p2", "layer2": "p3", "layer3": "p4", "layer4": "p5"}
         )
-        stage_channels = [_out_channels(getattr(body, f"layer{i}")) for i in range(1, 5)]
         self.fpn = FeaturePyramidNetwork(stage_channels, out_channels)
         self.out_channels = out_channels
         self.strides = (4, 8, 16, 32)
+        if weights is not None:
+            load_local_weights(self, Path(weights))
+            # Freeze the stem like detectron2/Sparse R-CNN when starting from pretrained weights.
+            for module in (self.body.conv1, self.body.bn1):
+                module.requires_grad_(False)
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(self.body(images))
@@ -56,16 +56,21 @@ def _out_channels(layer: nn.Sequential) -> int:
     return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
-def load_local_weights(model: nn.Module, path: Path) -> None:
-    """Load a torchvision ResNet state dict from disk; fail loudly if nothing matches."""
+def load_local_weights(backbone: BackboneFPN, path: Path) -> None:
+    """Load weights from disk, never a download; fail loudly if nothing matches.
+
+    Either a whole ``BackboneFPN`` state dict (``body.*`` + ``fpn.*``, what ``istr pretrain-backbone``
+    writes) or a torchvision ResNet state dict (loaded into the ResNet body only).
+    """
     if not path.is_file():
         raise FileNotFoundError(
-            f"pretrained backbone weights not found: {path} (set model.pretrained='' "
+            f"pretrained backbone weights not found: {path} (set model.pretrained=none "
             "to train from scratch; weights are never downloaded)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
-    result = model.load_state_dict(state, strict=False)
-    loaded = len(model.state_dict()) - len(result.missing_keys)
+    target = backbone if any(key.startswith("fpn.") for key in state) else backbone.body
+    result = target.load_state_dict(state, strict=False)
+    loaded = len(target.state_dict()) - len(result.missing_keys)
     if loaded == 0:
         raise ValueError(f"{path} holds no weights matching the backbone (missing: {result.missing_keys[:5]}...)")

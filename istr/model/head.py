@@ -114,7 +114,7 @@ class ISTRStage(nn.Module):
         dynamic_dim: int,
         pooler_resolution: int,
         attention: str,
-        mask_head_layers: int = 3,
+        head_layers: int = 3,
         dropout: float = 0.0,
         prior_prob: float = 0.01,
     ) -> None:
@@ -135,10 +135,10 @@ class ISTRStage(nn.Module):
         )
         self.norm_ffn = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
-        self.cls_tower = _mlp_tower(hidden_dim, 1, lambda: nn.ReLU(inplace=True))
-        self.reg_tower = _mlp_tower(hidden_dim, 3, lambda: nn.ReLU(inplace=True))
-        # Mask head: 3 x (Linear-LN-ELU) + Linear -> l-d embedding (ISTR_SPEC §4, "Heads").
-        self.mask_tower = _mlp_tower(hidden_dim, mask_head_layers, nn.ELU)
+        # Class, box and mask towers: 3 x (Linear-LN-ELU) each, as the authors' first release.
+        self.cls_tower = _mlp_tower(hidden_dim, head_layers, nn.ELU)
+        self.reg_tower = _mlp_tower(hidden_dim, head_layers, nn.ELU)
+        self.mask_tower = _mlp_tower(hidden_dim, head_layers, nn.ELU)
         self.class_logits = nn.Linear(hidden_dim, num_classes)
         self.box_deltas = nn.Linear(hidden_dim, 4)
         self.code_head = nn.Linear(hidden_dim, code_dim)

@@ -6,6 +6,8 @@ path (``istr.model.inference``) decode them (DESIGN.md, "Codec is injected").
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +37,7 @@ class ISTR(nn.Module):
         pooler_sampling_ratio: int = 2,
         pooler: str = "roi_align",
         attention: str = "self+dynamic",
-        mask_head_layers: int = 3,
+        head_layers: int = 3,
         dropout: float = 0.0,
         prior_prob: float = 0.01,
     ) -> None:
@@ -61,7 +63,7 @@ class ISTR(nn.Module):
                 dynamic_dim,
                 pooler_resolution,
                 attention,
-                mask_head_layers,
+                head_layers,
                 dropout,
                 prior_prob,
             )
@@ -81,9 +83,11 @@ class ISTR(nn.Module):
         """images uint8/float [B,3,H,W] (0-255, padded), image_sizes [B,2] (h, w) -> DESIGN.md model output."""
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         features = self.backbone(x)
-        batch = images.shape[0]
         boxes = self.initial_boxes(image_sizes)
-        queries = self.query_features.weight[None].expand(batch, -1, -1)
+        # Initial query features: the image feature (each FPN level's global average, summed) plus a
+        # learnable embedding per query, as the authors' first release.
+        image_feature = torch.stack([level.mean(dim=(2, 3)) for level in features.values()]).sum(0)
+        queries = self.query_features.weight[None] + image_feature[:, None, :]
         outputs: list[dict] = []
         for stage in self.stages:
             # ISTR_SPEC §4: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
@@ -95,9 +99,13 @@ class ISTR(nn.Module):
         return {**outputs[-1], "aux": outputs[:-1]}
 
 
-def build_model(model_cfg, num_classes: int, code_dim: int) -> ISTR:
-    """Builder: the only place that reads ``cfg.model`` (DESIGN.md, "Only builders read config")."""
-    backbone = BackboneFPN(model_cfg.backbone, model_cfg.hidden_dim, model_cfg.norm, model_cfg.pretrained)
+def build_model(model_cfg, num_classes: int, code_dim: int, backbone_weights: Path | None = None) -> ISTR:
+    """Builder: the only place that reads ``cfg.model`` (DESIGN.md, "Only builders read config").
+
+    ``backbone_weights`` is a local file resolved by the engine from ``model.pretrained``; None builds
+    random weights (a checkpoint is loaded afterwards, or training starts from scratch).
+    """
+    backbone = BackboneFPN(model_cfg.backbone, model_cfg.hidden_dim, model_cfg.norm, backbone_weights)
     return ISTR(
         backbone,
         num_classes=num_classes,
@@ -111,7 +119,7 @@ def build_model(model_cfg, num_classes: int, code_dim: int) -> ISTR:
         pooler_sampling_ratio=model_cfg.pooler_sampling_ratio,
         pooler=model_cfg.pooler,
         attention=model_cfg.attention,
-        mask_head_layers=model_cfg.mask_head_layers,
+        head_layers=model_cfg.head_layers,
         dropout=model_cfg.dropout,
         prior_prob=model_cfg.prior_prob,
     )
