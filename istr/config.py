@@ -91,6 +91,7 @@ class ModelConfig:
     # (istr pretrain-backbone); none: from scratch; else a LOCAL torchvision ResNet state dict.
     pretrained: str = "none"
     norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn (from scratch)
+    freeze_at: int = 2  # with pretrained weights: 0 trains all, 1 fixes the stem, 2 also the first stage
     hidden_dim: int = 256
     num_queries: int = 300
     num_stages: int = 6

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from torchvision.models import resnet18
+from torchvision.ops import FrozenBatchNorm2d
 
 from istr.model import ISTR, build_model
 from istr.model.backbone import BackboneFPN
@@ -199,7 +200,21 @@ def test_loads_local_resnet18_weights(tmp_path, wrap):
     torch.testing.assert_close(body.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     torch.testing.assert_close(body.layer2[0].bn1.running_var, state["layer2.0.bn1.running_var"])
     assert not body.conv1.weight.requires_grad and not any(p.requires_grad for p in body.bn1.parameters())
-    assert body.layer1[0].conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in body.layer1.parameters())  # freeze_at=2, as detectron2
+    assert body.layer2[0].conv1.weight.requires_grad
+
+
+def test_freeze_at_fixes_batchnorm_statistics_too(tmp_path):
+    path = tmp_path / "backbone.pt"
+    torch.save(BackboneFPN("resnet18", 32, norm="bn").state_dict(), path)
+    backbone = BackboneFPN("resnet18", 32, norm="bn", weights=path, freeze_at=2).train()
+    before = backbone.body.layer1[0].bn1.running_mean.clone()
+    backbone(torch.rand(2, 3, 64, 64) * 255)
+    torch.testing.assert_close(backbone.body.layer1[0].bn1.running_mean, before)
+    assert isinstance(backbone.body.bn1, FrozenBatchNorm2d)
+    assert isinstance(backbone.body.layer2[0].bn1, torch.nn.BatchNorm2d)
+    trainable = BackboneFPN("resnet18", 32, norm="bn", weights=path, freeze_at=0)
+    assert all(p.requires_grad for p in trainable.parameters())
 
 
 def test_weights_matching_nothing_are_rejected(tmp_path):

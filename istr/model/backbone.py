@@ -27,7 +27,9 @@ LEVEL_NAMES = ("p2", "p3", "p4", "p5")
 class BackboneFPN(nn.Module):
     """ResNet stages C2-C5 -> FPN P2-P5 with ``out_channels`` channels, strides 4-32."""
 
-    def __init__(self, name: str, out_channels: int, norm: str = "frozen_bn", weights: Path | None = None) -> None:
+    def __init__(
+        self, name: str, out_channels: int, norm: str = "frozen_bn", weights: Path | None = None, freeze_at: int = 2
+    ) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(RESNETS)}")
@@ -43,12 +45,26 @@ class BackboneFPN(nn.Module):
         self.strides = (4, 8, 16, 32)
         if weights is not None:
             load_local_weights(self, Path(weights))
-            # Freeze the stem like detectron2/Sparse R-CNN when starting from pretrained weights.
-            for module in (self.body.conv1, self.body.bn1):
-                module.requires_grad_(False)
+            # As detectron2's FREEZE_AT (2 in the reference configs): from pretrained weights, the stem
+            # (1) and the first residual stage (2) stay fixed, which also skips their backward pass.
+            for names in (("conv1", "bn1"), ("layer1",))[:freeze_at]:
+                for name in names:
+                    setattr(self.body, name, frozen(getattr(self.body, name)))
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(self.body(images))
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` without gradients, every BatchNorm2d in it a FrozenBatchNorm2d of its current statistics."""
+    if isinstance(module, nn.BatchNorm2d):
+        fixed = FrozenBatchNorm2d(module.num_features, module.eps)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(fixed, key).copy_(getattr(module, key).detach())
+        return fixed
+    for name, child in module.named_children():
+        setattr(module, name, frozen(child))
+    return module.requires_grad_(False)
 
 
 def _out_channels(layer: nn.Sequential) -> int:

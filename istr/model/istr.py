@@ -105,7 +105,9 @@ def build_model(model_cfg, num_classes: int, code_dim: int, backbone_weights: Pa
     ``backbone_weights`` is a local file resolved by the engine from ``model.pretrained``; None builds
     random weights (a checkpoint is loaded afterwards, or training starts from scratch).
     """
-    backbone = BackboneFPN(model_cfg.backbone, model_cfg.hidden_dim, model_cfg.norm, backbone_weights)
+    backbone = BackboneFPN(
+        model_cfg.backbone, model_cfg.hidden_dim, model_cfg.norm, backbone_weights, model_cfg.freeze_at
+    )
     return ISTR(
         backbone,
         num_classes=num_classes,
