@@ -328,13 +328,17 @@ def write_tables(
     return tables
 
 
+def format_tables(tables: Mapping[str, pd.DataFrame]) -> str:
+    """Every table as a `## name` section: its note, then its Markdown."""
+    return "\n".join(f"## {name}\n\n{table.attrs['note']}\n\n{to_markdown(table)}" for name, table in tables.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args, df = results_from_cli("python -m analysis.tables", __doc__.splitlines()[0], Path("results"), argv)
     if df is None:
         return 2
     tables = write_tables(df, args.out, load_codec_report(args.codec_report), args.defaults, args.seed_rule)
-    for name, table in tables.items():
-        print(f"## {name}\n\n{table.attrs['note']}\n\n{to_markdown(table)}")
+    print(format_tables(tables))
     print(f"tables written to {args.out}/ ({', '.join(f'{n}.md/.tex/.csv' for n in tables)})")
     return 0
 
