@@ -142,11 +142,13 @@ def codec_upper_bounds(preset: Path, sets: list[str], root: Path, studies: list[
     return out / "codec_report.csv"
 
 
-def _run_axes(args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None]) -> None:
+def _run_axes(
+    args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str]
+) -> None:
     from istr.sweep.runner import run_sweep
 
     for axis, n in seeds.items():
-        counts = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=_study(args, preset, axis),
+        counts = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
                            workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
                            root=Path(args.root))  # fmt: skip
         print(json.dumps(counts))
@@ -156,12 +158,18 @@ def _study(args: argparse.Namespace, preset: Path, axis: str) -> str:
     return f"{axis}-{args.name or preset.stem}"
 
 
-def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -> None:
-    """Pilot, plan (written to the rule file before any further seed runs), then every axis to its planned n."""
+def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -> dict[str, str]:
+    """Pilot, plan (written to the rule file before any further seed runs), then every axis to its planned n;
+    returns {axis: the study holding its final seeds}.
+
+    An axis run past the pilot is a new study `<pilot study>-n<N>` with seeds 0..N-1: an Optuna study cannot widen
+    its seed grid, and the pilot's cells are found finished and reused (same cell ids), not retrained.
+    """
     from analysis.load import load_results
 
-    _run_axes(args, preset, {axis: PILOT_SEEDS for axis in axes})
-    df = load_results(Path(args.root), [_study(args, preset, a) for a in axes])
+    studies = {axis: _study(args, preset, axis) for axis in axes}
+    _run_axes(args, preset, {axis: PILOT_SEEDS for axis in axes}, studies)
+    df = load_results(Path(args.root), list(studies.values()))
     sds = {axis: pilot_sd(df, axis, default_arm(df, axis, defaults)[0]) for axis in axes}
     arms = {axis: int(df.loc[df["axis"] == axis, "arm"].nunique()) for axis in axes}
     cost = float(df.drop_duplicates("cell_id")["wall_s"].mean())
@@ -180,7 +188,9 @@ def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -
         fit = plan_seeds({axis: sds[axis]}, {axis: arms[axis]}, args.delta, PILOT_SEEDS, cost, left, args.workers)
         n = min(n, fit.target[axis])
         if n > PILOT_SEEDS:
-            _run_axes(args, preset, {axis: n})
+            studies[axis] = f"{studies[axis]}-n{n}"
+            _run_axes(args, preset, {axis: n}, studies)
+    return studies
 
 
 def _n_reached(df: pd.DataFrame, axis: str) -> int:
@@ -224,10 +234,11 @@ def ablate_command(args: argparse.Namespace) -> None:
     atomic_write_json(rule_path, rule)
     print(f"seed rule (declared before the run, {rule_path}): {rule['rule']}")
     if args.seeds == "auto":
-        _auto_seeds(args, preset, axes, defaults, rule, rule_path, started)
+        studies = list(_auto_seeds(args, preset, axes, defaults, rule, rule_path, started).values())
     else:
-        _run_axes(args, preset, {axis: args.seeds for axis in axes})
-    studies = [_study(args, preset, axis) for axis in axes]
+        by_axis = {axis: _study(args, preset, axis) for axis in axes}
+        _run_axes(args, preset, {axis: args.seeds for axis in axes}, by_axis)
+        studies = list(by_axis.values())
     df = load_results(root, studies)
     rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
     atomic_write_json(rule_path, rule)

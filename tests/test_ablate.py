@@ -18,6 +18,13 @@ from istr.cli import build_parser, main
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _in_tmp_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """cwd = tmp_path (its sweeps/ and specs come first); the trials' `python -m istr` still runs this checkout."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.chdir(tmp_path)
+
+
 def test_plan_needed_n_from_the_pilot_sd() -> None:
     # SD 1 AP of the paired differences, Δ = 1 AP: d = 1 -> 10 pairs (statsmodels TTestPower: 9.94)
     plan = plan_seeds({"loss": 1.0}, {"loss": 3}, delta=1.0, pilot_n=3, cost_per_cell_s=60, remaining_s=1e9, workers=1)
@@ -80,9 +87,8 @@ def test_seeds_auto_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch, capsys):
     """Pilot of 3 seeds, a pilot SD that needs 4 pairs, every arm run to 4; the rule file and the footnote."""
     from tests.test_sweep import write_setup
 
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])  # base.yaml + loss.yaml with two arms
-    monkeypatch.chdir(tmp_path)
+    _in_tmp_cwd(monkeypatch, tmp_path)
     sd4 = 1.0 / mde_effect_size(4) * 0.999  # Δ = 1 AP at this SD takes 4 pairs: the plan must extend the pilot
     assert needed_n(1.0, sd4) == 4
     seen: list[pd.DataFrame] = []
@@ -96,8 +102,10 @@ def test_seeds_auto_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch, capsys):
     assert rule["mode"] == "auto" and "pilot of 3 seeds" in rule["rule"] and "never added" in rule["rule"]
     assert rule["plan"]["needed"] == {"loss": 4} and rule["plan"]["target"] == {"loss": 4}
     assert rule["n_reached"] == {"loss": 4} and rule["pilot"]["cost_per_cell_s"] > 0
-    rows = pd.read_csv(tmp_path / "runs" / "loss-base" / "results.csv")
+    rows = pd.read_csv(tmp_path / "runs" / "loss-base-n4" / "results.csv")
     assert sorted(zip(rows["arm"], rows["seed"])) == [(a, s) for a in ("l2", "l2+dice") for s in range(4)]
+    reused = rows[rows["seed"] < PILOT_SEEDS]["reused_from"]  # the pilot's cells are not trained again
+    assert reused.str.contains("/loss-base/").all()
     table = (out / "loss.md").read_text()
     assert "Seeds, rule declared before the run: pilot of 3 seeds" in table and "n reached: 4." in table
     printed = capsys.readouterr().out
@@ -111,12 +119,11 @@ def test_ablate_runs_axes_then_writes_tables_and_figures(tmp_path, tiny_cfg_fact
     report), learning curves, the codec-dim figure and prediction overlays from the trials' checkpoints."""
     from tests.test_sweep import write_setup
 
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
     (tmp_path / "sweeps").mkdir()  # the tiny test codec is 16-d: sweep dims 8 and 16 (cwd sweeps/ come first)
     dims = (REPO / "sweeps" / "embedding_dim.yaml").read_text().replace("[40, 60, 80, 100]", "[8, 16]")
     (tmp_path / "sweeps" / "embedding_dim.yaml").write_text(dims)
-    monkeypatch.chdir(tmp_path)
+    _in_tmp_cwd(monkeypatch, tmp_path)
     out = tmp_path / "results"
     argv = ["ablate", "--preset", str(preset), "--axes", "attention,embedding_dim", "--seeds", "1",
             "--root", str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
