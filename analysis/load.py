@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import yaml
 
 METRICS = [f"{kind}_{m}" for kind in ("segm", "bbox") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
 COLUMNS = [
@@ -59,14 +64,21 @@ def load_results(runs: Path, studies: list[str] | None = None) -> pd.DataFrame:
     return df
 
 
-def load_wandb(entity: str, project: str, studies: list[str] | None = None) -> pd.DataFrame:
+def load_wandb(
+    entity: str,
+    project: str,
+    axis_keys: Mapping[str, list[str]],
+    defaults: Mapping[str, str],
+    studies: list[str] | None = None,
+) -> pd.DataFrame:
     """The same frame from the W&B API (online): finished runs of `entity/project`, groups = studies."""
     import wandb
 
     from analysis.wandb_rows import wandb_rows
 
     filters = {"group": {"$in": studies}} if studies else {}
-    df = normalize(pd.DataFrame(wandb_rows(wandb.Api().runs(f"{entity}/{project}", filters=filters))))
+    runs = wandb.Api().runs(f"{entity}/{project}", filters=filters)
+    df = normalize(pd.DataFrame(wandb_rows(runs, axis_keys, defaults)))
     df = df[df["status"] == "complete"].reset_index(drop=True)
     if df.empty:
         raise NoResultsError(f"no finished runs in W&B project {entity}/{project} (groups: {studies or 'all'})")
@@ -78,6 +90,63 @@ def load_codec_report(path: Path | None) -> pd.DataFrame | None:
     if path is None or not Path(path).is_file():
         return None
     return pd.read_csv(path)
+
+
+def arm_name(values: Mapping[str, Any]) -> str:
+    """An arm's name as the sweep harness writes it: the value itself for one swept key, `k=v,k=v` for several."""
+    if len(values) == 1:
+        return str(next(iter(values.values())))
+    return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+def _spec_preset(spec: Path, raw: dict[str, Any]) -> str:
+    command = [str(c) for c in raw.get("command") or []]
+    if "--config" not in command or command.index("--config") + 1 >= len(command):
+        raise ValueError(f"{spec}: its command has no '--config PRESET' (the base preset)")
+    return command[command.index("--config") + 1]
+
+
+def read_axes(
+    sweeps: Path, preset: Path | None = None, sets: Sequence[str] = ()
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({axis: swept config keys}, {axis: default arm}) of every `<sweeps>/<axis>.yaml` with a `parameters` map.
+
+    axis = the file stem, keys = its non-seed parameters (as the sweep harness reads a spec). The default arm is the
+    base preset's own value of those keys, read with `istr.config.load_config(preset, sets)`: `preset`, else the
+    spec's `--config` argument (relative to the cwd, then to the folder above `sweeps`), named by `arm_name`.
+    """
+    from istr.config import load_config
+
+    keys: dict[str, list[str]] = {}
+    defaults: dict[str, str] = {}
+    for spec in sorted(Path(sweeps).glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(spec.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ValueError(f"{spec}: not valid YAML ({err})") from err
+        if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict):
+            raise ValueError(f"{spec}: a sweep spec needs a 'parameters' mapping")
+        axis_keys = [k for k in raw["parameters"] if k != "seed"]
+        keys[spec.stem] = axis_keys
+        base = Path(preset) if preset else Path(_spec_preset(spec, raw))
+        if not base.is_file() and not base.is_absolute():
+            base = Path(sweeps).resolve().parent / base
+        cfg = load_config(base, list(sets))
+        defaults[spec.stem] = arm_name({k: functools.reduce(getattr, k.split("."), cfg) for k in axis_keys})
+    return keys, defaults
+
+
+def read_seed_rule(path: Path | None) -> dict[str, Any] | None:
+    """The `seed_rule.json` that `istr ablate` writes (the rule declared before the run, the n reached), or None."""
+    if path is None:
+        return None
+    try:
+        rule = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable seed_rule.json ({err})") from err
+    if not isinstance(rule, dict) or not isinstance(rule.get("rule"), str):
+        raise ValueError(f"{path}: a seed rule needs a 'rule' text")
+    return rule
 
 
 def results_from_cli(
@@ -103,13 +172,32 @@ def results_from_cli(
     )
     ap.add_argument("--entity", default=None, help="W&B entity (with --source wandb)")
     ap.add_argument("--project", default=None, help="W&B project (with --source wandb)")
+    ap.add_argument("--sweeps", type=Path, default=Path("sweeps"), help="folder of the axis specs (<axis>.yaml)")
+    ap.add_argument(
+        "--preset",
+        type=Path,
+        default=None,
+        help="base preset YAML whose values are the default arms (default: each spec's --config)",
+    )
+    ap.add_argument(
+        "--seed-rule",
+        type=Path,
+        default=None,
+        help="seed_rule.json of `istr ablate` (the seed rule and n reached, stated in the footnote)",
+    )
     args = ap.parse_args(argv)
     studies = [s for s in args.studies.split(",") if s] if args.studies else None
     if args.source == "wandb" and not (args.entity and args.project):
         ap.error("--source wandb needs --entity and --project")
     try:
+        args.axis_keys, args.defaults = read_axes(args.sweeps, args.preset)
+        args.seed_rule = read_seed_rule(args.seed_rule)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return args, None
+    try:
         if args.source == "wandb":
-            return args, load_wandb(args.entity, args.project, studies)
+            return args, load_wandb(args.entity, args.project, args.axis_keys, args.defaults, studies)
         return args, load_results(args.runs, studies)
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)

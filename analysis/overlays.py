@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,9 +28,9 @@ def _run_dir(df: pd.DataFrame, axis: str, arm: str) -> Path | None:
     return None
 
 
-def pick_arms(df: pd.DataFrame, axis: str) -> tuple[str, str] | None:
+def pick_arms(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """(default arm, the other arm with the highest mean mask AP); None when the axis has one arm."""
-    base, _ = default_arm(df, axis)
+    base, _ = default_arm(df, axis, defaults)
     others = df[(df["axis"] == axis) & (df["arm"] != base)]
     if others.empty:
         return None
@@ -47,11 +48,13 @@ def val_images(run_dir: Path, count: int) -> list[Path]:
     return [image_dir / image["file_name"] for image in images[:count]]
 
 
-def overlay_grid(df: pd.DataFrame, axis: str, count: int = 3) -> plt.Figure | None:
+def overlay_grid(
+    df: pd.DataFrame, axis: str, count: int = 3, defaults: Mapping[str, str] | None = None
+) -> plt.Figure | None:
     """A 2 x `count` grid: row 1 the default arm's predictions, row 2 the other arm's, same val images."""
     from istr.engine.predict import load_run, overlay_images
 
-    arms = pick_arms(df, axis)
+    arms = pick_arms(df, axis, defaults)
     if arms is None:
         return None
     run_dirs = [_run_dir(df, axis, arm) for arm in arms]

@@ -7,6 +7,7 @@ CLI: `python -m analysis.plots --runs runs/sweeps [--studies a,b] [--codec-repor
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -27,11 +28,13 @@ def _t_ci(x: pd.Series) -> tuple[float, float]:
     return (m, m) if h != h else (m - h, m + h)
 
 
-def axis_pointplot(df: pd.DataFrame, axis: str, metric: str = "segm_AP") -> plt.Figure:
+def axis_pointplot(
+    df: pd.DataFrame, axis: str, metric: str = "segm_AP", defaults: Mapping[str, str] | None = None
+) -> plt.Figure:
     """Point plot of `metric` per arm of `axis` (default arm first), error bars = 95% t CI over seeds."""
     sub = df[(df["axis"] == axis) & df[metric].notna()]
-    base, _ = default_arm(df, axis)
-    order = [a for a in arm_order(df, axis) if a in set(sub["arm"])]
+    base, _ = default_arm(df, axis, defaults)
+    order = [a for a in arm_order(df, axis, defaults) if a in set(sub["arm"])]
     fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(order), 3.2))
     sns.pointplot(data=sub, x="arm", y=metric, order=order, errorbar=_t_ci, linestyle="none", capsize=0.2, ax=ax)
     ax.set_xticks(range(len(order)), [a + "\n(default)" if a == base else a for a in order])
@@ -60,7 +63,7 @@ def read_curves(df: pd.DataFrame, axis: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def learning_curves(df: pd.DataFrame, axis: str) -> plt.Figure | None:
+def learning_curves(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = None) -> plt.Figure | None:
     """Training loss vs step per arm (mean over seeds, band = 95% t-CI); mask AP vs step too when it was logged."""
     curves = read_curves(df, axis)
     if curves.empty:
@@ -71,7 +74,7 @@ def learning_curves(df: pd.DataFrame, axis: str) -> plt.Figure | None:
     curves["loss (smoothed)"] = curves.groupby(["arm", "seed"])["loss"].transform(
         lambda x: x.rolling(smooth, min_periods=1).mean()
     )
-    order = arm_order(df, axis)
+    order = arm_order(df, axis, defaults)
     sns.lineplot(data=curves, x="step", y="loss (smoothed)", hue="arm", hue_order=order, errorbar=_t_ci, ax=axes[0, 0])
     if has_ap:
         ap = curves.dropna(subset=["eval/segm_AP"])
@@ -122,19 +125,25 @@ def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
 
 
 def write_figures(
-    df: pd.DataFrame, out: Path, codec_report: pd.DataFrame | None = None, overlay_images: int = 3
+    df: pd.DataFrame,
+    out: Path,
+    codec_report: pd.DataFrame | None = None,
+    overlay_images: int = 3,
+    defaults: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Every figure the frame supports; `overlay_images=0` skips the prediction overlays (they load models)."""
+    """Every figure the frame supports; `overlay_images=0` skips the prediction overlays (they load models).
+
+    `defaults`: {axis: default arm} (`analysis.stats.default_arm`)."""
     from analysis.overlays import overlay_grid
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for axis in sorted(df["axis"].dropna().unique()):
-        written += _save(axis_pointplot(df, axis), out, f"{axis}_mask_ap")
-        curves = learning_curves(df, axis)
+        written += _save(axis_pointplot(df, axis, defaults=defaults), out, f"{axis}_mask_ap")
+        curves = learning_curves(df, axis, defaults)
         if curves is not None:
             written += _save(curves, out, f"{axis}_learning_curves")
-        grid = overlay_grid(df, axis, overlay_images) if overlay_images else None
+        grid = overlay_grid(df, axis, overlay_images, defaults) if overlay_images else None
         if grid is not None:
             written += _save(grid, out, f"{axis}_overlays")
     dims = codec_dim_figure(df, codec_report)
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args, df = results_from_cli("python -m analysis.plots", __doc__.splitlines()[0], Path("results/figures"), argv)
     if df is None:
         return 2
-    paths = write_figures(df, args.out, load_codec_report(args.codec_report))
+    paths = write_figures(df, args.out, load_codec_report(args.codec_report), defaults=args.defaults)
     print(f"figures written to {args.out}/: {', '.join(p.name for p in paths)}")
     return 0
 

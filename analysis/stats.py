@@ -1,23 +1,18 @@
-"""Per-arm summaries over seeds (t-distribution CI) and paired comparisons to the default arm."""
+"""Per-arm summaries over seeds (t-distribution CI), paired comparisons to the default arm, and the power of those
+comparisons: the minimum detectable effect (MDE) at the n used, and the n needed to detect a stated Δ."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
 
-# The paper's default arm of each ablation axis. An axis not listed falls back to its first arm
-# (`arm_sort_key` order).
-DEFAULT_ARMS: dict[str, str] = {
-    "embedding": "pca",
-    "embedding_dim": "60",
-    "mask_cost": "cosine",
-    "loss": "l2+dice",
-    "attention": "self+dynamic",
-}
+ALPHA = 0.05  # two-sided significance level of every paired test here
+POWER = 0.8  # power at which the MDE and the needed n are stated
 
 
 def arm_sort_key(arm: str) -> tuple[int, float, str]:
@@ -28,28 +23,30 @@ def arm_sort_key(arm: str) -> tuple[int, float, str]:
         return 1, 0.0, arm
 
 
-def arm_order(df: pd.DataFrame, axis: str) -> list[str]:
+def arm_order(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = None) -> list[str]:
     """The arms of `axis`: its default arm first, then `arm_sort_key` order."""
-    base, _ = default_arm(df, axis)
+    base, _ = default_arm(df, axis, defaults)
     return [base] + sorted((a for a in df.loc[df["axis"] == axis, "arm"].dropna().unique() if a != base),
                            key=arm_sort_key)  # fmt: skip
 
 
-def default_arm(df: pd.DataFrame, axis: str) -> tuple[str, str]:
+def default_arm(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = None) -> tuple[str, str]:
     """The default arm for `axis` and a note on how it was chosen.
 
-    If the mapped default (e.g. `pca`) is absent but exactly one arm is `<default>-...` (`pca-60`), that arm is used.
+    `defaults` maps an axis to its default arm: the base preset's own value of the axis key
+    (`analysis.load.read_axes`, or the caller's). If that arm (e.g. `pca`) is absent but exactly one arm is
+    `<default>-...` (`pca-60`), that arm is used; otherwise the first arm in `arm_sort_key` order.
     """
     arms = sorted((str(a) for a in df.loc[df["axis"] == axis, "arm"].dropna().unique()), key=arm_sort_key)
     if not arms:
         raise ValueError(f"axis {axis!r} has no rows")
-    mapped = DEFAULT_ARMS.get(axis)
+    mapped = (defaults or {}).get(axis)
     if mapped is not None:
         if mapped in arms:
-            return mapped, f"default arm of {axis!r} is {mapped!r} (DEFAULT_ARMS)"
+            return mapped, f"default arm of {axis!r} is {mapped!r} (the base preset's value)"
         prefixed = [a for a in arms if a.startswith(mapped + "-")]
         if len(prefixed) == 1:
-            return prefixed[0], f"default arm of {axis!r} is {prefixed[0]!r} (DEFAULT_ARMS {mapped!r})"
+            return prefixed[0], f"default arm of {axis!r} is {prefixed[0]!r} (the base preset's {mapped!r})"
     note = "no known default arm present; using the first arm (numbers ascending, then alphabetically)"
     return arms[0], f"axis {axis!r}: {note}, {arms[0]!r}"
 
@@ -64,41 +61,42 @@ def ci_halfwidth(values: np.ndarray | pd.Series, confidence: float = 0.95) -> fl
     return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
 
 
+def describe(values: pd.Series) -> dict[str, float]:
+    """n (values defined), mean, sd (ddof=1) and 95% CI half-width (t-distribution); NaN where undefined."""
+    x = values.dropna().astype(float)
+    n = len(x)
+    return {
+        "n": n,
+        "mean": float(x.mean()) if n else math.nan,
+        "sd": float(x.std(ddof=1)) if n > 1 else math.nan,
+        "ci95": ci_halfwidth(x),
+    }
+
+
 def summarize(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per (axis, arm): n (seeds with a defined value), mean, sd and 95% CI half-width (t-distribution)."""
-    rows = []
-    for (axis, arm), g in df.groupby(["axis", "arm"], sort=True):
-        x = g[metric].dropna().astype(float)
-        n = len(x)
-        rows.append(
-            {
-                "axis": axis,
-                "arm": arm,
-                "n": n,
-                "mean": float(x.mean()) if n else math.nan,
-                "sd": float(x.std(ddof=1)) if n > 1 else math.nan,
-                "ci95": ci_halfwidth(x),
-            }
-        )
+    """Per (axis, arm): `describe` of `metric` over the seeds."""
+    rows = [{"axis": axis, "arm": arm, **describe(g[metric])} for (axis, arm), g in df.groupby(["axis", "arm"])]
     return pd.DataFrame(rows, columns=["axis", "arm", "n", "mean", "sd", "ci95"])
 
 
 def paired_vs_default(df: pd.DataFrame, metric: str, default_arm: str) -> pd.DataFrame:
-    """Per arm: mean of (arm - default) over seeds where both have a value, and the paired t-test p-value.
+    """Per arm: mean and SD of (arm - default) over seeds where both have a value, and the paired t-test p-value.
 
-    `df` should hold one axis. Test: `scipy.stats.ttest_rel` (two-sided); p is NaN with fewer than 2 pairs.
+    `df` should hold one axis. Test: `scipy.stats.ttest_rel` (two-sided); p and the SD are NaN with fewer than
+    2 pairs. The default arm's own row has n_pairs = its seed count and NaN SD (nothing to pair with).
     """
     per_seed = df.pivot_table(index="seed", columns="arm", values=metric, aggfunc="mean")
+    columns = ["arm", "n_pairs", "delta", "sd_diff", "p"]
     rows = []
     for arm in sorted(df["arm"].dropna().unique()):
         if default_arm not in per_seed.columns or arm not in per_seed.columns:
-            rows.append({"arm": arm, "n_pairs": 0, "delta": math.nan, "p": math.nan})
+            rows.append({"arm": arm, "n_pairs": 0, "delta": math.nan, "sd_diff": math.nan, "p": math.nan})
             continue
-        pair = per_seed[[arm, default_arm]].dropna() if arm != default_arm else per_seed[[arm]].dropna()
         if arm == default_arm:
-            n = len(pair)
-            rows.append({"arm": arm, "n_pairs": n, "delta": 0.0 if n else math.nan, "p": math.nan})
+            n = len(per_seed[arm].dropna())
+            rows.append({"arm": arm, "n_pairs": n, "delta": 0.0 if n else math.nan, "sd_diff": math.nan, "p": math.nan})
             continue
+        pair = per_seed[[arm, default_arm]].dropna()
         n = len(pair)
         diff = pair[arm] - pair[default_arm]
         p = math.nan
@@ -106,5 +104,60 @@ def paired_vs_default(df: pd.DataFrame, metric: str, default_arm: str) -> pd.Dat
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 p = float(stats.ttest_rel(pair[arm], pair[default_arm]).pvalue)
-        rows.append({"arm": arm, "n_pairs": n, "delta": float(diff.mean()) if n else math.nan, "p": p})
-    return pd.DataFrame(rows, columns=["arm", "n_pairs", "delta", "p"])
+        rows.append({"arm": arm, "n_pairs": n, "delta": float(diff.mean()) if n else math.nan,
+                     "sd_diff": float(diff.std(ddof=1)) if n >= 2 else math.nan, "p": p})  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def paired_power(d: float, n: float, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test with `n` pairs when the true effect is `d` SDs of the paired differences.
+
+    The test statistic follows a noncentral t with n - 1 degrees of freedom and noncentrality d·√n; power is its
+    mass beyond ±t_crit (`scipy.stats.nct`). `n` may be fractional (the continuous solution of the needed n).
+    The lower tail P(T ≤ -t_crit | nc) is taken as P(T ≥ t_crit | -nc): scipy's `nct.cdf` returns NaN there for
+    some large nc, its `sf` does not.
+    """
+    dof = n - 1
+    crit = float(stats.t.ppf(1 - alpha / 2, dof))
+    nc = abs(d) * math.sqrt(n)
+    return float(stats.nct.sf(crit, dof, nc) + stats.nct.sf(crit, dof, -nc))
+
+
+def mde_effect_size(n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The standardized effect d (Δ / SD of the paired differences) that a two-sided paired t-test with `n` pairs
+    detects with probability `power`; NaN when n < 2 (no test)."""
+    if n < 2:
+        return math.nan
+    hi = 1.0
+    while paired_power(hi, n, alpha) < power:
+        hi *= 2
+    return float(optimize.brentq(lambda d: paired_power(d, n, alpha) - power, 0.0, hi, xtol=1e-10))
+
+
+def mde(n: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect in the metric's units: `mde_effect_size(n)` × `sd` (NaN when either is undefined)."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    return mde_effect_size(n, alpha, power) * sd
+
+
+def needed_n(delta: float, sd: float, alpha: float = ALPHA, power: float = POWER, n_max: int = 10_000) -> int:
+    """The smallest number of pairs (≥ 2) whose two-sided paired t-test detects a true difference `delta` with
+    probability `power`, given the SD `sd` of the paired differences (e.g. a pilot's); at most `n_max`.
+
+    sd == 0 means every pair differs by the same amount: 2 pairs are the least that can be tested.
+    """
+    if delta <= 0 or not math.isfinite(sd) or sd < 0:
+        raise ValueError(f"needed_n: delta must be > 0 and sd finite and >= 0 (got delta={delta}, sd={sd})")
+    if sd == 0:
+        return 2
+    d = delta / sd
+    lo, hi = 2, 2
+    while paired_power(d, hi, alpha) < power:  # doubling, then bisection: power rises with n
+        if hi >= n_max:
+            return n_max
+        lo, hi = hi, min(2 * hi, n_max)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if paired_power(d, mid, alpha) < power else (lo, mid)
+    return hi

@@ -1,18 +1,23 @@
-"""The paper's per-axis ablation tables: mean ± 95% CI over seeds, paired Δ to the default arm, cost columns.
+"""The paper's per-axis ablation tables: mean ± 95% CI over seeds, paired Δ to the default arm, each arm's seed SD
+and the minimum detectable effect (MDE) of the paired test at the n used, cost columns.
 
-CLI: `python -m analysis.tables --runs runs/sweeps [--studies a,b] [--codec-report CSV] --out results/` writes
-`<axis>.md/.tex/.csv` per axis found (+ `codec_upper_bound.*` for the codecs trained) and prints the Markdown tables.
+CLI: `python -m analysis.tables --runs runs/sweeps [--studies a,b] [--codec-report CSV] [--seed-rule JSON]
+--out results/` writes `<axis>.md/.tex/.csv` per axis found (+ `codec_upper_bound.*` for the codecs trained) and
+prints the Markdown tables. The Markdown/LaTeX cells are formatted text; the CSV holds the numbers (mean, CI
+half-width, SD and n as separate columns). Default arms: the base preset's values of the axis keys of `sweeps/*.yaml`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from analysis.load import load_codec_report, results_from_cli
-from analysis.stats import arm_order, ci_halfwidth, default_arm, paired_vs_default
+from analysis.stats import ALPHA, POWER, arm_order, default_arm, describe, mde, paired_vs_default
 
 METRIC_COLUMNS: dict[str, str] = {
     "segm_AP": "mask AP",
@@ -25,64 +30,105 @@ METRIC_COLUMNS: dict[str, str] = {
 }
 DELTA_COL = "Δ mask AP vs default"
 P_COL = "p (paired t-test)"
+SD_COL = "seed SD"
+MDE_COL = "MDE"
 HOURS_COL = "CPU/GPU-hours"
 IPS_COL = "img/s"
 DASH = "—"
 MISSING = "†"  # footnote marker: missing value
-NO_TEST = "‡"  # footnote marker: fewer than 2 paired seeds
+NO_TEST = "‡"  # footnote marker: fewer than 2 (paired) seeds
+ARM_SD = "§"  # footnote marker: MDE from the arm's own seed SD
 BASE = "(base)"
 FOOTNOTES = {
     MISSING: "missing: no completed trial with a defined value (failed, unfinished or undefined metric); never zero.",
-    NO_TEST: "no test: fewer than 2 seeds paired with the default arm, or identical paired differences.",
+    NO_TEST: "fewer than 2 seeds (paired with the default arm, for p): no test, SD or MDE; or identical paired "
+    "differences (no p).",
+    ARM_SD: "MDE from the arm's own seed SD over its n seeds: it has no paired differences (the default arm itself, "
+    "or no seed in common with it).",
 }
 DEFAULT_SUFFIX = " (default)"
 AXIS_NOTES = [
     "Cells: mean ± 95% CI half-width (t-distribution) over seeds; bold = best mean per column.",
     "Δ and p: paired over matching seeds vs the default arm; p from a two-sided paired t-test.",
+    f"seed SD: SD of mask AP over the arm's seeds. MDE: the smallest true Δ mask AP that a two-sided paired t-test "
+    f"at α = {ALPHA} detects with power {POWER} at the n of pairs used (noncentral t): d(n) × the SD of the paired "
+    "differences vs the default arm.",
 ]
+NO_SEED_RULE = "Seeds: no seed rule recorded with these results (istr ablate writes seed_rule.json); n as shown."
 CODEC_AXES = ("embedding", "embedding_dim")  # the axes whose arms are (codec type, dim) pairs
 CODEC_ORDER = ("pca", "dct", "sparse", "ae")
 
 
-def _fmt_cell(values: pd.Series) -> tuple[str, float]:
-    x = values.dropna().astype(float)
-    n = len(x)
+def _fmt_cell(mean: float, ci95: float, n: int) -> str:
     if n == 0:
-        return DASH + MISSING, math.nan
-    mean = float(x.mean())
+        return DASH + MISSING
     if n == 1:
-        return f"{mean:.1f} (n=1)", mean
-    return f"{mean:.1f} ± {ci_halfwidth(x):.1f} (n={n})", mean
+        return f"{mean:.1f} (n=1)"
+    return f"{mean:.1f} ± {ci95:.1f} (n={n})"
 
 
 def _fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
-    """One ablation axis as a table of display strings: rows = arms (default first), columns as in the paper.
+def _fmt_num(value: float, digits: int, absent: str) -> str:
+    return DASH + absent if math.isnan(value) else f"{value:.{digits}f}"
 
+
+def seed_note(seed_rule: Mapping[str, Any] | None, axis: str) -> str:
+    """The footnote that states the seed rule declared before the run and the n it reached on `axis`."""
+    if seed_rule is None:
+        return NO_SEED_RULE
+    reached = (seed_rule.get("n_reached") or {}).get(axis)
+    return f"Seeds, rule declared before the run: {seed_rule['rule']}" + (
+        f" n reached: {reached}." if reached is not None else ""
+    )
+
+
+def _mde_numbers(paired: pd.Series, own: dict[str, float]) -> dict[str, Any]:
+    """The MDE of mask AP: from the SD of the paired differences when there are ≥ 2 pairs, else the arm's own SD."""
+    if paired["n_pairs"] >= 2 and not math.isnan(paired["sd_diff"]):
+        n, sd, basis = int(paired["n_pairs"]), float(paired["sd_diff"]), "paired"
+    else:
+        n, sd, basis = int(own["n"]), float(own["sd"]), "arm"
+    return {"mde_segm_AP": mde(n, sd), "mde_n": n, "mde_sd": sd, "mde_sd_basis": basis}
+
+
+def axis_table(
+    df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = None, seed_rule: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """One ablation axis as a table of display strings: rows = arms (default first), columns as in the paper, then
+    the seed SD and the MDE of mask AP.
+
+    `defaults` maps axes to default arms (`stats.default_arm`); `seed_rule` is `istr ablate`'s seed_rule.json.
     `table.attrs` carries `axis`, `default_arm`, `note` (how the default was chosen), `best` ({column: [row labels]}
-    with the best mean, rendered bold by the writers) and `footnotes` ({marker: text} for markers used).
+    with the best mean, rendered bold by the writers), `footnotes` ({marker: text} for markers used), `notes` and
+    `numbers` (one dict of plain numbers per row: what the CSV holds).
     """
     sub = df[df["axis"] == axis]
-    base, note = default_arm(df, axis)
-    arms = arm_order(df, axis)
+    base, note = default_arm(df, axis, defaults)
+    arms = arm_order(df, axis, defaults)
     labels = [a + DEFAULT_SUFFIX if a == base else a for a in arms]
     paired = paired_vs_default(sub, "segm_AP", base).set_index("arm")
 
     rows: dict[str, dict[str, str]] = {}
     means: dict[str, dict[str, float]] = {}
+    numbers: list[dict[str, Any]] = []
     for arm, label in zip(arms, labels):
         g = sub[sub["arm"] == arm]
         row: dict[str, str] = {}
+        num: dict[str, Any] = {"arm": label, "is_default": arm == base}
         means[label] = {}
         for metric, col in METRIC_COLUMNS.items():
-            row[col], means[label][col] = _fmt_cell(g[metric])
+            m = describe(g[metric])
+            num.update({f"{metric}_{k}": v for k, v in m.items()})
+            row[col], means[label][col] = _fmt_cell(m["mean"], m["ci95"], m["n"]), m["mean"]
+        pr = paired.loc[arm]
+        num.update({"delta_segm_AP": math.nan if arm == base else float(pr["delta"]), "n_pairs": int(pr["n_pairs"]),
+                    "sd_diff": float(pr["sd_diff"]), "p": float(pr["p"])})  # fmt: skip
         if arm == base:
             row[DELTA_COL] = row[P_COL] = BASE
         else:
-            pr = paired.loc[arm]
             row[DELTA_COL] = DASH + MISSING if pr["n_pairs"] == 0 else f"{pr['delta']:+.1f} (n={int(pr['n_pairs'])})"
             if pr["n_pairs"] == 0:
                 row[P_COL] = DASH + MISSING
@@ -90,13 +136,21 @@ def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
                 row[P_COL] = DASH + NO_TEST
             else:
                 row[P_COL] = _fmt_p(float(pr["p"]))
+        num.update(_mde_numbers(pr, describe(g["segm_AP"])))
+        row[SD_COL] = _fmt_num(num["segm_AP_sd"], 2, NO_TEST)
+        row[MDE_COL] = _fmt_num(num["mde_segm_AP"], 1, NO_TEST)
+        if num["mde_sd_basis"] == "arm" and not math.isnan(num["mde_segm_AP"]):
+            row[MDE_COL] += ARM_SD
         wall = g["wall_s"].dropna()
         ips = g["img_per_s"].dropna()
-        row[HOURS_COL] = f"{wall.sum() / 3600:.2f}" if len(wall) else DASH + MISSING
-        row[IPS_COL] = f"{ips.mean():.1f}" if len(ips) else DASH + MISSING
+        num["cpu_gpu_hours"] = float(wall.sum() / 3600) if len(wall) else math.nan
+        num["img_per_s"] = float(ips.mean()) if len(ips) else math.nan
+        row[HOURS_COL] = _fmt_num(num["cpu_gpu_hours"], 2, MISSING)
+        row[IPS_COL] = _fmt_num(num["img_per_s"], 1, MISSING)
         rows[label] = row
+        numbers.append(num)
 
-    columns = [*METRIC_COLUMNS.values(), DELTA_COL, P_COL, HOURS_COL, IPS_COL]
+    columns = [*METRIC_COLUMNS.values(), DELTA_COL, P_COL, SD_COL, MDE_COL, HOURS_COL, IPS_COL]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     table.index.name = "arm"
     best = _best_labels(means, METRIC_COLUMNS.values())
@@ -107,7 +161,8 @@ def axis_table(df: pd.DataFrame, axis: str) -> pd.DataFrame:
         "note": note,
         "best": best,
         "footnotes": {m: t for m, t in FOOTNOTES.items() if m in used},
-        "notes": AXIS_NOTES,
+        "notes": [*AXIS_NOTES, seed_note(seed_rule, axis)],
+        "numbers": numbers,
     }
     return table
 
@@ -122,19 +177,21 @@ def _best_labels(means: dict[str, dict[str, float]], columns) -> dict[str, list[
     return best
 
 
-def codec_table(df: pd.DataFrame, report: pd.DataFrame | None) -> pd.DataFrame | None:
+def codec_table(
+    df: pd.DataFrame, report: pd.DataFrame | None, defaults: Mapping[str, str] | None = None
+) -> pd.DataFrame | None:
     """Each trained codec's reconstruction upper bound beside its trained mask AP (ISTR_SPEC §7.1).
 
     Rows = the (type, dim) codecs of the embedding axes' trials, the preset's default codec first; columns =
     val reconstruction IoU and oracle mask AP from `istr codec-report` (`report`; "—" when absent), the
     train-set IoU the trial's codec reported, the trained mask/box AP over seeds, and trained ÷ oracle AP.
-    None when no trial of a codec axis has codec columns.
+    None when no trial of a codec axis has codec columns. `table.attrs["numbers"]`: the rows as plain numbers.
     """
     trials = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
     if trials.empty:
         return None
     axis = str(trials["axis"].iloc[0])
-    default = trials[(trials["axis"] == axis) & (trials["arm"] == default_arm(trials, axis)[0])]
+    default = trials[(trials["axis"] == axis) & (trials["arm"] == default_arm(trials, axis, defaults)[0])]
     sub = trials.drop_duplicates("cell_id")  # the default cell is a row of both codec axes
     default_key = (str(default["codec_type"].iloc[0]), int(default["codec_dim"].iloc[0])) if len(default) else None
     order = {t: i for i, t in enumerate(CODEC_ORDER)}
@@ -142,6 +199,7 @@ def codec_table(df: pd.DataFrame, report: pd.DataFrame | None) -> pd.DataFrame |
                   key=lambda k: (k != default_key, order.get(k[0], len(order)), k[0], k[1]))  # fmt: skip
     rows: dict[str, dict[str, str]] = {}
     means: dict[str, dict[str, float]] = {}
+    numbers: list[dict[str, Any]] = []
     for ctype, dim in keys:
         g = sub[(sub["codec_type"] == ctype) & (sub["codec_dim"] == dim)]
         label = f"{ctype}-{dim}" + (DEFAULT_SUFFIX if (ctype, dim) == default_key else "")
@@ -154,11 +212,17 @@ def codec_table(df: pd.DataFrame, report: pd.DataFrame | None) -> pd.DataFrame |
             "oracle mask AP": DASH + MISSING if math.isnan(oracle) else f"{oracle:.1f}",
             "recon IoU (train)": f"{train_iou.mean():.3f}" if len(train_iou) else DASH + MISSING,
         }
-        row["trained mask AP"], mask_ap = _fmt_cell(g["segm_AP"])
-        row["trained box AP"], box_ap = _fmt_cell(g["bbox_AP"])
+        mask, box = describe(g["segm_AP"]), describe(g["bbox_AP"])
+        row["trained mask AP"] = _fmt_cell(mask["mean"], mask["ci95"], mask["n"])
+        row["trained box AP"] = _fmt_cell(box["mean"], box["ci95"], box["n"])
+        mask_ap, box_ap = mask["mean"], box["mean"]
         ratio = mask_ap / oracle if oracle > 0 and not math.isnan(mask_ap) else math.nan
         row["trained / oracle"] = DASH + MISSING if math.isnan(ratio) else f"{100 * ratio:.0f}%"
         rows[label] = row
+        numbers.append({"codec": label, "type": ctype, "dim": dim, "val_iou": val_iou, "oracle_segm_AP": oracle,
+                        "train_iou": float(train_iou.mean()) if len(train_iou) else math.nan,
+                        **{f"segm_AP_{k}": v for k, v in mask.items()}, **{f"bbox_AP_{k}": v for k, v in box.items()},
+                        "trained_over_oracle": ratio})  # fmt: skip
         means[label] = {"recon IoU (val)": val_iou, "oracle mask AP": oracle, "trained mask AP": mask_ap,
                         "trained box AP": box_ap}  # fmt: skip
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -175,6 +239,7 @@ def codec_table(df: pd.DataFrame, report: pd.DataFrame | None) -> pd.DataFrame |
             "GT boxes with codec-reconstructed GT masks (what a perfect regressor reaches with this codec).",
             "trained: mean ± 95% CI half-width (t-distribution) over seeds; bold = best per column.",
         ],
+        "numbers": numbers,
     }
     return table
 
@@ -209,12 +274,16 @@ def _latex(text: str) -> str:
         .replace(DASH, "---")
         .replace(MISSING, r"\textsuperscript{\dag}")
         .replace(NO_TEST, r"\textsuperscript{\ddag}")
+        .replace(ARM_SD, r"\textsuperscript{\S}")
+        .replace("α", r"$\alpha$")
+        .replace("×", r"$\times$")
         .replace("<", r"$<$")
     )
 
 
 def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular via `Styler.to_latex(hrules=True)`; best means in `\\textbf{}`, footnotes after it."""
+    """A booktabs tabular via `Styler.to_latex(hrules=True)`; best means in `\\textbf{}`, footnotes and notes after
+    it."""
     body = {}
     for col in table.columns:
         body[_latex(col)] = [
@@ -223,13 +292,15 @@ def to_latex(table: pd.DataFrame) -> str:
     out = pd.DataFrame(body, index=[_latex(lab) for lab in table.index])
     tex = out.style.to_latex(hrules=True, column_format="l" + "r" * len(out.columns))
     notes = [_latex(f"{m} {t}") for m, t in table.attrs.get("footnotes", {}).items()]
+    notes.extend(_latex(note) for note in table.attrs.get("notes", []))
     if notes:
         tex += "{\\footnotesize " + r" \\ ".join(notes) + "}\n"
     return tex
 
 
 def to_csv(table: pd.DataFrame) -> str:
-    return table.to_csv()
+    """The table's numbers (`attrs["numbers"]`), one row per table row: numeric columns, NaN left empty."""
+    return pd.DataFrame(table.attrs["numbers"]).to_csv(index=False)
 
 
 def _write(table: pd.DataFrame, out: Path, name: str) -> None:
@@ -238,12 +309,18 @@ def _write(table: pd.DataFrame, out: Path, name: str) -> None:
     (out / f"{name}.csv").write_text(to_csv(table), encoding="utf-8")
 
 
-def write_tables(df: pd.DataFrame, out: Path, codec_report: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+def write_tables(
+    df: pd.DataFrame,
+    out: Path,
+    codec_report: pd.DataFrame | None = None,
+    defaults: Mapping[str, str] | None = None,
+    seed_rule: Mapping[str, Any] | None = None,
+) -> dict[str, pd.DataFrame]:
     """Write `<axis>.md/.tex/.csv` into `out` for every axis in `df` (+ `codec_upper_bound.*` when the
-    embedding axes have codec columns); returns {name: table}."""
+    embedding axes have codec columns); returns {name: table}. `defaults`, `seed_rule`: as in `axis_table`."""
     out.mkdir(parents=True, exist_ok=True)
-    tables = {axis: axis_table(df, axis) for axis in sorted(df["axis"].dropna().unique())}
-    codecs = codec_table(df, codec_report)
+    tables = {axis: axis_table(df, axis, defaults, seed_rule) for axis in sorted(df["axis"].dropna().unique())}
+    codecs = codec_table(df, codec_report, defaults)
     if codecs is not None:
         tables["codec_upper_bound"] = codecs
     for name, table in tables.items():
@@ -251,13 +328,17 @@ def write_tables(df: pd.DataFrame, out: Path, codec_report: pd.DataFrame | None 
     return tables
 
 
+def format_tables(tables: Mapping[str, pd.DataFrame]) -> str:
+    """Every table as a `## name` section: its note, then its Markdown."""
+    return "\n".join(f"## {name}\n\n{table.attrs['note']}\n\n{to_markdown(table)}" for name, table in tables.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args, df = results_from_cli("python -m analysis.tables", __doc__.splitlines()[0], Path("results"), argv)
     if df is None:
         return 2
-    tables = write_tables(df, args.out, load_codec_report(args.codec_report))
-    for name, table in tables.items():
-        print(f"## {name}\n\n{table.attrs['note']}\n\n{to_markdown(table)}")
+    tables = write_tables(df, args.out, load_codec_report(args.codec_report), args.defaults, args.seed_rule)
+    print(format_tables(tables))
     print(f"tables written to {args.out}/ ({', '.join(f'{n}.md/.tex/.csv' for n in tables)})")
     return 0
 

@@ -8,12 +8,10 @@ the harness does, a run whose arm is its own axis's default arm is also a row of
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from analysis.load import METRICS
-from analysis.stats import DEFAULT_ARMS
-from istr.sweep.spec import SpecError, arm_name, load_spec
+from analysis.load import METRICS, arm_name
 
 
 def _unwrap(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,16 +36,6 @@ def select(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _axis_keys(axis: str) -> list[str] | None:
-    """The swept config keys of `sweeps/<axis>.yaml`; None for a run that is not a sweep trial."""
-    if not axis:
-        return None
-    try:
-        return load_spec(axis).axis_keys()
-    except SpecError:
-        return None
-
-
 def run_row(run: Any, axis: str, keys: list[str]) -> dict[str, Any]:
     """One results row of `run` (a `wandb.apis.public.Run` or anything with its attributes) as a row of `axis`."""
     config, summary = _unwrap(dict(run.config)), dict(run.summary)
@@ -68,21 +56,26 @@ def run_row(run: Any, axis: str, keys: list[str]) -> dict[str, Any]:
     }
 
 
-def wandb_rows(runs: Iterable[Any]) -> list[dict[str, Any]]:
-    """Rows of every sweep-trial run, the default-arm runs shared with the other axes (module docstring)."""
+def wandb_rows(
+    runs: Iterable[Any], axis_keys: Mapping[str, list[str]], defaults: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Rows of every sweep-trial run, the default-arm runs shared with the other axes (module docstring).
+
+    `axis_keys` and `defaults` are `analysis.load.read_axes`'s: a run whose job type is not an axis there is skipped.
+    """
     runs = list(runs)
-    keys = {axis: _axis_keys(axis) for axis in {run.job_type for run in runs}}
+    keys = {axis: axis_keys.get(axis) for axis in {run.job_type for run in runs}}
     own = [(run, run_row(run, run.job_type, keys[run.job_type])) for run in runs if keys[run.job_type]]
     rows = [row for _, row in own]
     present = {(row["axis"], row["arm"], row["seed"]) for row in rows}
     for run, row in own:
-        if row["arm"] != DEFAULT_ARMS.get(row["axis"]):
+        if row["arm"] != defaults.get(row["axis"]):
             continue
         for axis, axis_keys in keys.items():
             if axis == row["axis"] or not axis_keys:
                 continue
             shared = run_row(run, axis, axis_keys)
-            if shared["arm"] == DEFAULT_ARMS.get(axis) and (axis, shared["arm"], shared["seed"]) not in present:
+            if shared["arm"] == defaults.get(axis) and (axis, shared["arm"], shared["seed"]) not in present:
                 rows.append(shared)
                 present.add((axis, shared["arm"], shared["seed"]))
     return rows

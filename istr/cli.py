@@ -152,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.set_defaults(func=_predict)
+    from istr.ablate import add_parser as add_ablate_parser
     from istr.bench import add_parsers as add_bench_parsers
     from istr.sweep.cli import add_parsers as add_sweep_parsers
 
     add_bench_parsers(sub)
     add_sweep_parsers(sub)
+    add_ablate_parser(sub)
 
     p = sub.add_parser("demo", help="the main job: tiny preset on generated data -> eval + overlays")
     p.add_argument("--config", default="experiments/tiny.yaml")

@@ -1,4 +1,5 @@
-"""Analysis package: stats equal scipy's, tables render honestly (— for missing, n=1 without CI), CLI writes files."""
+"""Analysis package: stats equal scipy's, tables render honestly (— for missing, n=1 without CI), the CSV holds
+numbers, default arms come from the presets, CLI writes files."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.load import COLUMNS, METRICS, NoResultsError, load_results, normalize
-from analysis.stats import DEFAULT_ARMS, default_arm, paired_vs_default, summarize
-from analysis.tables import DASH, axis_table, main, to_latex, to_markdown
+from analysis.load import COLUMNS, METRICS, NoResultsError, load_results, normalize, read_axes
+from analysis.stats import default_arm, mde, paired_vs_default, summarize
+from analysis.tables import DASH, axis_table, main, to_csv, to_latex, to_markdown
 
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = read_axes(REPO / "sweeps")[1]  # the tiny preset's own values of the axis keys
 BASE_VALUES = {0: 30.0, 1: 31.5, 2: 29.0}
 OTHER_VALUES = {0: 32.0, 1: 32.1, 2: 30.5}
 
@@ -73,19 +76,35 @@ def test_paired_only_matching_seeds_and_nan_below_two_pairs() -> None:
     assert math.isnan(p.loc["l2", "p"])
 
 
-def test_default_arms_and_fallback() -> None:
-    assert DEFAULT_ARMS == {
-        "embedding": "pca", "embedding_dim": "60", "mask_cost": "cosine", "loss": "l2+dice", "attention": "self+dynamic"
-    }  # fmt: skip
+def test_default_arms_are_the_presets_values_and_fallback(tmp_path: Path) -> None:
+    keys, defaults = read_axes(REPO / "sweeps")
+    assert keys["loss"] == ["loss.mask"] and keys["embedding_dim"] == ["codec.dim"]
+    expected = {"embedding": "pca", "embedding_dim": "60", "mask_cost": "cosine", "loss": "l2+dice",
+                "attention": "self+dynamic"}  # fmt: skip
+    assert {axis: defaults[axis] for axis in expected} == expected
+    assert defaults["hparams"].startswith("train.lr=0.0005,train.weight_decay=")  # several keys: k=v,k=v
+    preset = tmp_path / "base.yaml"
+    preset.write_text("codec:\n  dim: 16\nmodel:\n  attention: self\n")
+    _, other = read_axes(REPO / "sweeps", preset)
+    assert other["embedding_dim"] == "16" and other["attention"] == "self" and other["loss"] == "l2+dice"
     df = _frame(_rows("embedding", "pca-60", {0: 1.0}), _rows("embedding", "dct-60", {0: 1.0}))
-    assert default_arm(df, "embedding")[0] == "pca-60"
+    assert default_arm(df, "embedding", DEFAULTS)[0] == "pca-60"
     df = _frame(_rows("novel", "zeta", {0: 1.0}), _rows("novel", "alpha", {0: 1.0}))
-    arm, note = default_arm(df, "novel")
+    arm, note = default_arm(df, "novel", DEFAULTS)
     assert arm == "alpha" and "alphabetically" in note
 
 
+def test_read_axes_names_a_bad_spec(tmp_path: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("parameters: [unclosed\n")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        read_axes(tmp_path)
+    (tmp_path / "broken.yaml").write_text("parameters:\n  loss.mask: {values: [l2]}\ncommand: [istr, train]\n")
+    with pytest.raises(ValueError, match="broken.yaml.*--config"):
+        read_axes(tmp_path)
+
+
 def test_axis_table_default_first_and_base(emb: pd.DataFrame) -> None:
-    t = axis_table(emb, "embedding")
+    t = axis_table(emb, "embedding", DEFAULTS)
     assert list(t.index) == ["pca (default)", "dct"]
     assert t.loc["pca (default)", "Δ mask AP vs default"] == "(base)"
     a, b = np.array(list(OTHER_VALUES.values())), np.array(list(BASE_VALUES.values()))
@@ -100,7 +119,7 @@ def test_axis_table_default_first_and_base(emb: pd.DataFrame) -> None:
 def test_missing_cells_render_dash_never_zero() -> None:
     base = _rows("mask_cost", "cosine", BASE_VALUES)
     other = _rows("mask_cost", "dice", {0: 25.0}, segm_AP=None, segm_APs=None, wall_s=None, img_per_s=None)
-    t = axis_table(_frame(base, other), "mask_cost")
+    t = axis_table(_frame(base, other), "mask_cost", DEFAULTS)
     row = t.loc["dice"]
     for col in ("mask AP", "APs", "Δ mask AP vs default", "p (paired t-test)", "CPU/GPU-hours", "img/s"):
         assert row[col].startswith(DASH), (col, row[col])
@@ -113,7 +132,7 @@ def test_missing_cells_render_dash_never_zero() -> None:
 
 def test_arm_without_row_for_a_seed() -> None:
     df = _frame(_rows("attention", "self+dynamic", BASE_VALUES), _rows("attention", "self", {2: 28.0}))
-    t = axis_table(df, "attention")
+    t = axis_table(df, "attention", DEFAULTS)
     assert t.loc["self", "mask AP"] == "28.0 (n=1)"  # n=1: no CI, says n=1
     assert "±" not in t.loc["self", "mask AP"]
     assert t.loc["self", "p (paired t-test)"].startswith(DASH)
@@ -121,7 +140,7 @@ def test_arm_without_row_for_a_seed() -> None:
 
 
 def test_markdown_structure_and_bold(emb: pd.DataFrame) -> None:
-    md = to_markdown(axis_table(emb, "embedding"))
+    md = to_markdown(axis_table(emb, "embedding", DEFAULTS))
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + 2
     assert lines[0].startswith("| arm | mask AP |")
@@ -132,7 +151,7 @@ def test_markdown_structure_and_bold(emb: pd.DataFrame) -> None:
 
 
 def test_latex_structure(emb: pd.DataFrame) -> None:
-    tex = to_latex(axis_table(emb, "embedding"))
+    tex = to_latex(axis_table(emb, "embedding", DEFAULTS))
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1
@@ -205,7 +224,7 @@ def test_codec_table_upper_bound_beside_trained_ap() -> None:
         {"type": ["pca", "pca", "dct"], "dim": [40, 60, 60], "mask_iou": [0.9, 0.95, 0.94],
          "oracle_segm_AP": [80.0, 84.0, 90.0]}
     )  # fmt: skip
-    table = codec_table(_codec_frame(), report)
+    table = codec_table(_codec_frame(), report, DEFAULTS)
     assert list(table.index) == ["pca-60 (default)", "pca-40", "dct-60"]
     default = table.loc["pca-60 (default)"]
     mean = (20.0 + 22.0) / 2
@@ -215,7 +234,7 @@ def test_codec_table_upper_bound_beside_trained_ap() -> None:
     assert default["trained / oracle"] == f"{100 * mean / 84.0:.0f}%"
     assert table.loc["pca-40", "trained mask AP"] == "10.0 (n=1)"
     assert table.attrs["best"]["oracle mask AP"] == ["dct-60"]
-    no_report = codec_table(_codec_frame(), None)
+    no_report = codec_table(_codec_frame(), None, DEFAULTS)
     assert no_report.loc["dct-60", "oracle mask AP"].startswith(DASH)  # never a made-up bound
     assert "codec" in to_markdown(no_report).splitlines()[0]
 
@@ -240,6 +259,70 @@ def test_source_wandb_needs_entity_and_project() -> None:
 
 def test_numeric_arms_sort_numerically_after_the_default() -> None:
     df = _frame(*(_rows("embedding_dim", str(d), {0: 1.0}) for d in (100, 40, 60, 80)))
-    assert list(axis_table(df, "embedding_dim").index) == ["60 (default)", "40", "80", "100"]
+    assert list(axis_table(df, "embedding_dim", DEFAULTS).index) == ["60 (default)", "40", "80", "100"]
     df = _frame(*(_rows("new_axis", str(d), {0: 1.0}) for d in (100, 40)))
-    assert list(axis_table(df, "new_axis").index) == ["40 (default)", "100"]  # no known default: smallest
+    assert list(axis_table(df, "new_axis", DEFAULTS).index) == ["40 (default)", "100"]  # no known default: smallest
+
+
+def test_sd_and_mde_columns(emb: pd.DataFrame) -> None:
+    t = axis_table(emb, "embedding", DEFAULTS)
+    a, b = np.array(list(OTHER_VALUES.values())), np.array(list(BASE_VALUES.values()))
+    assert t.loc["dct", "seed SD"] == f"{a.std(ddof=1):.2f}"
+    assert t.loc["dct", "MDE"] == f"{mde(3, (a - b).std(ddof=1)):.1f}"  # paired: SD of the differences
+    assert t.loc["pca (default)", "MDE"] == f"{mde(3, b.std(ddof=1)):.1f}§"  # no pairs: its own seed SD
+    md = to_markdown(t)
+    assert "| seed SD | MDE |" in md and "§ MDE from the arm's own seed SD" in md
+    assert "power 0.8" in md and "no seed rule recorded" in md
+    assert r"\S" in to_latex(t)
+
+
+def test_csv_holds_numbers(emb: pd.DataFrame) -> None:
+    import io
+
+    csv = pd.read_csv(io.StringIO(to_csv(axis_table(emb, "embedding", DEFAULTS))))
+    row = csv.set_index("arm").loc["dct"]
+    a, b = np.array(list(OTHER_VALUES.values())), np.array(list(BASE_VALUES.values()))
+    assert row["segm_AP_mean"] == pytest.approx(a.mean()) and row["segm_AP_n"] == 3
+    assert row["segm_AP_sd"] == pytest.approx(a.std(ddof=1))
+    assert row["segm_AP_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * a.std(ddof=1) / math.sqrt(3))
+    assert row["delta_segm_AP"] == pytest.approx((a - b).mean()) and row["p"] == pytest.approx(
+        stats.ttest_rel(a, b).pvalue
+    )
+    assert row["mde_segm_AP"] == pytest.approx(mde(3, (a - b).std(ddof=1))) and row["mde_sd_basis"] == "paired"
+    assert row["cpu_gpu_hours"] == pytest.approx(3.0)
+    numeric = csv.drop(columns=["arm", "is_default", "mde_sd_basis"])
+    assert all(pd.api.types.is_numeric_dtype(numeric[c]) for c in numeric.columns)
+    assert bool(csv.set_index("arm").loc["pca (default)", "is_default"])
+
+
+def test_missing_values_are_empty_in_the_csv_never_zero() -> None:
+    import io
+
+    base = _rows("mask_cost", "cosine", BASE_VALUES)
+    other = _rows("mask_cost", "dice", {0: 25.0}, segm_AP=None)
+    csv = pd.read_csv(io.StringIO(to_csv(axis_table(_frame(base, other), "mask_cost", DEFAULTS))))
+    row = csv.set_index("arm").loc["dice"]
+    assert row["segm_AP_n"] == 0 and math.isnan(row["segm_AP_mean"]) and math.isnan(row["mde_segm_AP"])
+
+
+def test_seed_rule_footnote_states_rule_and_n_reached(emb: pd.DataFrame) -> None:
+    rule = {"rule": "pilot of 3 seeds per arm, then n for Δ = 1 AP.", "n_reached": {"embedding": 3}}
+    md = to_markdown(axis_table(emb, "embedding", DEFAULTS, rule))
+    assert "Seeds, rule declared before the run: pilot of 3 seeds per arm, then n for Δ = 1 AP. n reached: 3." in md
+
+
+def test_cli_prints_sd_and_mde_and_reads_seed_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    _write_study(runs, "loss", _frame(_rows("loss", "l2", {0: 28.0, 1: 27.5}, study="loss"),
+                                      _rows("loss", "l2+dice", {0: 30.0, 1: 31.0}, study="loss")))  # fmt: skip
+    rule = tmp_path / "seed_rule.json"
+    rule.write_text('{"rule": "fixed: seeds 0..1 for every arm.", "n_reached": {"loss": 2}}')
+    assert main(["--runs", str(runs), "--out", str(out), "--seed-rule", str(rule)]) == 0
+    printed = capsys.readouterr().out
+    header = next(ln for ln in printed.splitlines() if ln.startswith("| arm |"))
+    assert "| seed SD |" in header and "| MDE |" in header
+    assert "| l2+dice (default) |" in printed  # from the tiny preset, not the first arm alphabetically
+    assert "fixed: seeds 0..1 for every arm. n reached: 2." in printed
+    rule.write_text("[]")
+    assert main(["--runs", str(runs), "--out", str(out), "--seed-rule", str(rule)]) == 2
+    assert "seed_rule.json" in capsys.readouterr().err

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 
-from analysis.load import COLUMNS, normalize
+from analysis.load import COLUMNS, normalize, read_axes
 from analysis.stats import default_arm
 from analysis.wandb_rows import select, wandb_rows
+
+KEYS, DEFAULTS = read_axes(Path(__file__).resolve().parents[1] / "sweeps")
 
 
 def _run(run_id: str, axis: str, seed: int, ap: float, state: str = "finished", **config) -> SimpleNamespace:
@@ -29,7 +32,7 @@ def test_rows_have_the_results_schema_and_arms_from_the_axis_keys() -> None:
         _run("crash", "attention", 1, 0.0, state="crashed", model__attention="self"),
         _run("other", "not-an-axis", 0, 1.0),
     ]
-    df = normalize(pd.DataFrame(wandb_rows(runs)))
+    df = normalize(pd.DataFrame(wandb_rows(runs, KEYS, DEFAULTS)))
     assert list(df.columns) == COLUMNS
     emb = df[df["axis"] == "embedding"].set_index("arm")
     assert emb.loc["dct", "segm_AP"] == 8.0 and emb.loc["pca", "codec_dim"] == 60
@@ -37,14 +40,14 @@ def test_rows_have_the_results_schema_and_arms_from_the_axis_keys() -> None:
     attention = df[df["axis"] == "attention"]
     # the default cell, logged once under embedding, is also the attention axis's default arm
     shared = attention[attention["arm"] == "self+dynamic"]
-    assert list(shared["wandb_run_id"]) == ["a0"] and default_arm(df, "attention")[0] == "self+dynamic"
+    assert list(shared["wandb_run_id"]) == ["a0"] and default_arm(df, "attention", DEFAULTS)[0] == "self+dynamic"
     assert set(attention["status"]) == {"complete", "crashed"}
     assert "not-an-axis" not in set(df["axis"])
 
 
 def test_own_default_run_is_not_duplicated_by_sharing() -> None:
     runs = [_run("a0", "embedding", 0, 10.0), _run("b0", "attention", 0, 11.0)]
-    df = pd.DataFrame(wandb_rows(runs))
+    df = pd.DataFrame(wandb_rows(runs, KEYS, DEFAULTS))
     assert sorted(df.loc[df["axis"] == "attention", "wandb_run_id"]) == ["b0"]
     assert sorted(df.loc[df["axis"] == "embedding", "wandb_run_id"]) == ["a0"]
 

@@ -1,0 +1,280 @@
+"""``istr ablate``: the ablation axes as one job (the default arm, shared by all, is trained once), then the
+tables and figures.
+
+Seeds: ``--seeds N`` runs seeds 0..N-1 for every arm. ``--seeds auto --budget-hours H --delta D`` runs a pilot of
+``PILOT_SEEDS`` seeds for every arm; per axis, the pilot's largest SD of paired differences vs the default arm gives
+the n at which a two-sided paired t-test detects D AP with power 0.8 (``analysis.stats.needed_n``); every arm of the
+axis is then run to that n, capped so the job fits H hours at the pilot's measured cost per cell. The rule is
+declared before the pilot (printed and written to ``<out>/seed_rule.json``) and never looks at a p-value: p-values
+are read once, at the end, to say which arms could not be separated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.stats import ALPHA, POWER, default_arm, mde, needed_n, paired_vs_default
+from istr.config import ConfigError, load_config
+from istr.io import atomic_write_json
+
+AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
+PILOT_SEEDS = 3
+RULE_FILE = "seed_rule.json"
+
+
+@dataclass
+class SeedPlan:
+    """Per axis: the n that detects Δ at the pilot's SD (`needed`) and the n to run (`target`: needed, capped by
+    the budget, never below the pilot); the new cells that takes and their estimated wall seconds."""
+
+    needed: dict[str, int]
+    target: dict[str, int]
+    new_cells: int
+    est_s: float
+    capped: bool
+
+
+def new_cells(target: Mapping[str, int], arms: Mapping[str, int], have: int) -> int:
+    """Cells to train to bring every axis from `have` seeds per arm to `target[axis]`.
+
+    The default arm is the base preset itself in every axis, so one cell serves them all: it is counted once.
+    """
+    extra = {axis: max(0, n - have) for axis, n in target.items()}
+    return max(extra.values(), default=0) + sum((arms[axis] - 1) * e for axis, e in extra.items())
+
+
+def plan_seeds(
+    pilot_sd: Mapping[str, float],
+    arms: Mapping[str, int],
+    delta: float,
+    pilot_n: int,
+    cost_per_cell_s: float,
+    remaining_s: float,
+    workers: int,
+    alpha: float = ALPHA,
+    power: float = POWER,
+) -> SeedPlan:
+    """The seed counts of ``--seeds auto`` (module docstring), from the pilot's SD of paired differences per axis.
+
+    An axis whose pilot SD is undefined (fewer than 2 paired seeds) stays at the pilot. The budget caps every axis
+    at the same n: the largest one whose new cells, at `cost_per_cell_s` each on `workers` parallel workers, fit
+    in `remaining_s`.
+    """
+    needed = {
+        axis: max(pilot_n, needed_n(delta, sd, alpha, power)) if math.isfinite(sd) else pilot_n
+        for axis, sd in pilot_sd.items()
+    }
+    cap = max(needed.values(), default=pilot_n)
+    while cap > pilot_n:
+        trial = {axis: min(n, cap) for axis, n in needed.items()}
+        if new_cells(trial, arms, pilot_n) * cost_per_cell_s / workers <= remaining_s:
+            break
+        cap -= 1
+    target = {axis: min(n, cap) for axis, n in needed.items()}
+    cells = new_cells(target, arms, pilot_n)
+    return SeedPlan(needed, target, cells, cells * cost_per_cell_s / workers, target != needed)
+
+
+def pilot_sd(df: pd.DataFrame, axis: str, base: str) -> float:
+    """The largest SD of paired (same seed) segm AP differences vs `base` among the axis's other arms (NaN: none)."""
+    paired = paired_vs_default(df[df["axis"] == axis], "segm_AP", base)
+    sds = paired.loc[paired["arm"] != base, "sd_diff"].dropna()
+    return float(sds.max()) if len(sds) else math.nan
+
+
+def axis_defaults(axes: list[str], preset: Path, sets: list[str]) -> dict[str, str]:
+    """{axis: default arm}: the preset's own value of each spec's axis keys, named as the harness names arms."""
+    from istr.sweep.spec import arm_name, load_spec
+
+    cfg = load_config(preset, sets)
+    return {
+        axis: arm_name({k: functools.reduce(getattr, k.split("."), cfg) for k in load_spec(axis).axis_keys()})
+        for axis in axes
+    }
+
+
+def declare_rule(args: argparse.Namespace, axes: list[str]) -> dict[str, Any]:
+    """The seed rule, fixed before anything runs."""
+    never = "Seeds are never added by looking at p-values."
+    if args.seeds != "auto":
+        which = f"seeds 0..{args.seeds - 1} (--seeds {args.seeds})" if args.seeds else "each spec's own seed grid"
+        return {"mode": "fixed", "rule": f"fixed: {which} for every arm, chosen before the run. {never}"}
+    rule = (
+        f"pilot of {PILOT_SEEDS} seeds (0..{PILOT_SEEDS - 1}) for every arm; then, per axis, every arm is run to the "
+        f"smallest n at which a two-sided paired t-test at α = {ALPHA} detects Δ = {args.delta} AP with power "
+        f"{POWER}, given the largest SD of paired differences vs the default arm in the pilot (never below "
+        f"{PILOT_SEEDS}), capped so the job fits {args.budget_hours} h of wall time at the pilot's mean cost per "
+        f"cell on {args.workers} worker(s). {never}"
+    )
+    return {"mode": "auto", "rule": rule, "axes": axes, "pilot_seeds": PILOT_SEEDS, "delta": args.delta,
+            "alpha": ALPHA, "power": POWER, "budget_hours": args.budget_hours, "workers": args.workers}  # fmt: skip
+
+
+def codec_upper_bounds(preset: Path, sets: list[str], root: Path, studies: list[str], out: Path) -> Path | None:
+    """``istr codec-report`` for every codec the embedding studies trained -> ``out/codec_report.csv``.
+
+    The reconstruction upper bound of the paper's mask-embedding table (ISTR_SPEC §7.1); None when the
+    studies hold no codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
+    """
+    from analysis.load import NoResultsError, load_results
+    from analysis.tables import CODEC_AXES
+    from istr.codecs.report import codec_report_pairs
+
+    try:
+        df = load_results(root, studies)
+    except NoResultsError:
+        return None
+    codecs = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
+    pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
+    if not pairs:
+        return None
+    codec_report_pairs(load_config(preset, sets), pairs, out)
+    return out / "codec_report.csv"
+
+
+def _run_axes(
+    args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str]
+) -> None:
+    from istr.sweep.runner import run_sweep
+
+    for axis, n in seeds.items():
+        counts = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
+                           workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
+                           root=Path(args.root))  # fmt: skip
+        print(json.dumps(counts))
+
+
+def _study(args: argparse.Namespace, preset: Path, axis: str) -> str:
+    return f"{axis}-{args.name or preset.stem}"
+
+
+def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -> dict[str, str]:
+    """Pilot, plan (written to the rule file before any further seed runs), then every axis to its planned n;
+    returns {axis: the study holding its final seeds}.
+
+    An axis run past the pilot is a new study `<pilot study>-n<N>` with seeds 0..N-1: an Optuna study cannot widen
+    its seed grid, and the pilot's cells are found finished and reused (same cell ids), not retrained.
+    """
+    from analysis.load import load_results
+
+    studies = {axis: _study(args, preset, axis) for axis in axes}
+    _run_axes(args, preset, {axis: PILOT_SEEDS for axis in axes}, studies)
+    df = load_results(Path(args.root), list(studies.values()))
+    sds = {axis: pilot_sd(df, axis, default_arm(df, axis, defaults)[0]) for axis in axes}
+    arms = {axis: int(df.loc[df["axis"] == axis, "arm"].nunique()) for axis in axes}
+    cost = float(df.drop_duplicates("cell_id")["wall_s"].mean())
+    budget_s = args.budget_hours * 3600
+    plan = plan_seeds(sds, arms, args.delta, PILOT_SEEDS, cost, budget_s - (time.monotonic() - started), args.workers)
+    rule["pilot"] = {"sd_paired_diff": sds, "arms": arms, "cost_per_cell_s": cost,
+                     "elapsed_s": time.monotonic() - started}  # fmt: skip
+    rule["plan"] = asdict(plan)
+    atomic_write_json(rule_path, rule)
+    print(f"seeds auto: pilot SD of paired differences {sds}, {cost:.0f} s a cell -> n needed {plan.needed}, "
+          f"running to {plan.target} ({plan.new_cells} new cells, ~{plan.est_s / 3600:.2f} h"
+          f"{', capped by the budget' if plan.capped else ''})")  # fmt: skip
+    for axis, n in plan.target.items():
+        # Re-fit each axis to the time left at the measured cost, so the job ends within its budget.
+        left = budget_s - (time.monotonic() - started)
+        fit = plan_seeds({axis: sds[axis]}, {axis: arms[axis]}, args.delta, PILOT_SEEDS, cost, left, args.workers)
+        n = min(n, fit.target[axis])
+        if n > PILOT_SEEDS:
+            studies[axis] = f"{studies[axis]}-n{n}"
+            _run_axes(args, preset, {axis: n}, studies)
+    return studies
+
+
+def _n_reached(df: pd.DataFrame, axis: str) -> int:
+    """The fewest seeds with a defined segm AP over the axis's arms."""
+    sub = df[df["axis"] == axis]
+    seeds = sub.dropna(subset=["segm_AP"]).groupby("arm")["seed"].nunique()
+    return int(seeds.reindex(sub["arm"].unique()).fillna(0).min())
+
+
+def print_separation(df: pd.DataFrame, axes: list[str], defaults: Mapping[str, str]) -> None:
+    """Per arm, whether its paired test vs the default arm separated them at α (read once, after all runs)."""
+    for axis in axes:
+        base = default_arm(df, axis, defaults)[0]
+        for row in paired_vs_default(df[df["axis"] == axis], "segm_AP", base).itertuples():
+            if row.arm == base:
+                continue
+            size = mde(row.n_pairs, row.sd_diff)
+            detail = f"Δ = {row.delta:+.1f} AP, p = {row.p:.3f}, n = {row.n_pairs} pairs, MDE = {size:.1f} AP"
+            verdict = "separated" if row.p < ALPHA else "could not separate"  # NaN p (no test): not separated
+            print(f"{axis}: {verdict} {row.arm} from {base} ({detail})")
+
+
+def ablate_command(args: argparse.Namespace) -> None:
+    """The axis sweeps (fixed or ``--seeds auto`` seeds, module docstring), then the tables and figures."""
+    from analysis import plots, tables
+    from analysis.load import load_codec_report, load_results
+    from istr.sweep.spec import resolve_preset
+
+    if (args.seeds == "auto") != (args.budget_hours is not None):
+        raise ConfigError("--seeds auto needs --budget-hours H, and --budget-hours only applies to --seeds auto")
+    if args.seeds == "auto" and not (args.delta > 0 and args.budget_hours > 0):
+        raise ConfigError(f"--delta and --budget-hours must be > 0 (got {args.delta}, {args.budget_hours})")
+    started = time.monotonic()
+    preset = resolve_preset(args.preset or "tiny")
+    axes = [a for a in args.axes.split(",") if a]
+    defaults = axis_defaults(axes, preset, args.sets)
+    out, root = Path(args.out), Path(args.root)
+    out.mkdir(parents=True, exist_ok=True)
+    rule = declare_rule(args, axes)
+    rule_path = out / RULE_FILE
+    atomic_write_json(rule_path, rule)
+    print(f"seed rule (declared before the run, {rule_path}): {rule['rule']}")
+    if args.seeds == "auto":
+        studies = list(_auto_seeds(args, preset, axes, defaults, rule, rule_path, started).values())
+    else:
+        by_axis = {axis: _study(args, preset, axis) for axis in axes}
+        _run_axes(args, preset, {axis: args.seeds for axis in axes}, by_axis)
+        studies = list(by_axis.values())
+    df = load_results(root, studies)
+    rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
+    atomic_write_json(rule_path, rule)
+    report = load_codec_report(codec_upper_bounds(preset, args.sets, root, studies, out))
+    print(tables.format_tables(tables.write_tables(df, out, report, defaults, rule)))
+    plots.write_figures(df, out / "figures", report, defaults=defaults)
+    print_separation(df, axes, defaults)
+    print(f"results: tables in {out}/ (*.md, *.tex, *.csv), figures in {out / 'figures'}/, seed rule in {rule_path}")
+
+
+def _seeds(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--seeds takes a positive integer or 'auto', not {text!r}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``istr ablate`` (the sweep options of ``istr sweep``, and ``--seeds N|auto``)."""
+    from istr.sweep.cli import _common
+
+    p = sub.add_parser("ablate", conflict_handler="resolve",
+                       help="the ablation sweeps (embedding, embedding_dim, mask_cost, loss, attention) as one job, "
+                       "then the tables and figures")  # fmt: skip
+    _common(p)
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="seeds per arm: N (0..N-1) or 'auto' (a pilot of 3, then the n that detects --delta; "
+                   "needs --budget-hours). Default: each spec's seed grid")  # fmt: skip
+    p.add_argument("--budget-hours", type=float, default=None, help="wall-time budget of --seeds auto")
+    p.add_argument("--delta", type=float, default=1.0, help="mask AP difference --seeds auto sizes n to detect")
+    p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
+    p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")
+    p.add_argument("--out", default="results", help="folder for the tables, figures and seed_rule.json")
+    p.set_defaults(func=ablate_command)
