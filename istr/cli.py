@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO-evaluate a run dir on its val split -> eval.json")
     p.add_argument("--run", required=True)
     p.add_argument("--device", default="auto")
-    p.add_argument("--save-detections", default=None, metavar="FILE", help="also write the detections (COCO results json)")
+    p.add_argument("--save-detections", default=None, metavar="FILE", help="also write the detections (results json)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="draw prediction overlays for image files")
