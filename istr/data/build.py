@@ -59,7 +59,8 @@ def ensure_dataset(data_cfg) -> None:
     missing = [f"data.{s}_json={getattr(data_cfg, f'{s}_json')}" for s in SPLITS
                if not split_paths(data_cfg, s)[0].is_file()]
     if not complete:
-        log.info("generating synthetic dataset under %s", root)
+        log.warning("generating a synthetic shapes dataset under %s (data.synth.enabled=true); "
+                    "for your own dataset set data.synth.enabled=false", root)
         try:
             generate_synthetic_coco(root, synth.num_train, synth.num_val, seed=synth.seed, image_size=synth.image_size,
                                     min_instances=synth.min_instances, max_instances=synth.max_instances,
