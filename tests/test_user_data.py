@@ -202,3 +202,22 @@ def test_finetune_schedule_scales_with_max_steps():
     assert not cfg.data.synth.enabled
     assert schedule_steps(cfg.train) == (10, [160, 190])
     assert schedule_steps(load_config(None, ["train.warmup_steps=7", "train.lr_steps=[9]"]).train) == (7, [9])
+
+
+def test_a_start_failing_after_the_checks_leaves_no_run_dir(tiny_cfg, tmp_path, monkeypatch):
+    import istr.engine.train as train_module
+
+    def broken_model(*args, **kwargs):
+        raise RuntimeError("model build failed")
+
+    monkeypatch.setattr(train_module, "build_model", broken_model)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="model build failed"):
+        train(tiny_cfg, out)  # config.yaml, run.json and codec.pt were written by then
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        train(tiny_cfg, kept)  # a folder the start did not create is not removed
+    assert (kept / "notes.txt").read_text() == "mine"
