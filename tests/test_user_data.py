@@ -221,3 +221,18 @@ def test_a_start_failing_after_the_checks_leaves_no_run_dir(tiny_cfg, tmp_path, 
     with pytest.raises(RuntimeError):
         train(tiny_cfg, kept)  # a folder the start did not create is not removed
     assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_synth_on_generates_into_a_missing_folder_once_and_names_a_mistyped_json(tmp_path):
+    root = tmp_path / "shapes"
+    synth = ["data.synth.enabled=true", "data.synth.num_train=2", "data.synth.num_val=1", "data.synth.image_size=32"]
+    cfg = load_config(None, user_overrides(root, tmp_path, *synth))
+    ensure_dataset(cfg.data)
+    generated = checksums(root)
+    assert "annotations/instances_val.json" in generated and MARKER in generated
+    ensure_dataset(cfg.data)  # complete and ours: reused as is
+    assert checksums(root) == generated
+    typo = load_config(None, user_overrides(root, tmp_path, *synth, "data.val_json=annotations/instances_vall.json"))
+    with pytest.raises(DatasetError, match=r"data\.val_json names no file the generator writes"):
+        ensure_dataset(typo.data)
+    assert checksums(root) == generated

@@ -15,7 +15,14 @@ from istr.data.checks import check_images
 from istr.data.coco import CocoInstances, DatasetError
 from istr.data.collate import collate_batch
 from istr.data.sampler import ResumableBatchSampler, SeededSamples
-from istr.data.synth import MARKER, NotOurFolderError, annotation_path, generate_synthetic_coco, is_generated
+from istr.data.synth import (
+    MARKER,
+    NotOurFolderError,
+    annotation_path,
+    claim_folder,
+    generate_synthetic_coco,
+    is_generated,
+)
 from istr.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -59,16 +66,17 @@ def ensure_dataset(data_cfg) -> None:
     missing = [f"data.{s}_json={getattr(data_cfg, f'{s}_json')}" for s in SPLITS
                if not split_paths(data_cfg, s)[0].is_file()]
     if not complete:
-        log.warning("generating a synthetic shapes dataset under %s (data.synth.enabled=true); "
-                    "for your own dataset set data.synth.enabled=false", root)
         try:
-            generate_synthetic_coco(root, synth.num_train, synth.num_val, seed=synth.seed, image_size=synth.image_size,
-                                    min_instances=synth.min_instances, max_instances=synth.max_instances,
-                                    min_object_frac=synth.min_object_frac, max_object_frac=synth.max_object_frac)
+            claim_folder(root, params)
         except NotOurFolderError as err:
             hint = f"; also check {', '.join(missing)} (not found under data.root)" if missing else ""
             raise DatasetError(f"data.synth.enabled is true but data.root: {err}. "
                                f"For your own dataset set data.synth.enabled=false{hint}") from None
+        log.warning("generating a synthetic shapes dataset under %s (data.synth.enabled=true); "
+                    "for your own dataset set data.synth.enabled=false", root)
+        generate_synthetic_coco(root, synth.num_train, synth.num_val, seed=synth.seed, image_size=synth.image_size,
+                                min_instances=synth.min_instances, max_instances=synth.max_instances,
+                                min_object_frac=synth.min_object_frac, max_object_frac=synth.max_object_frac)
     if missing := [s for s in SPLITS if not split_paths(data_cfg, s)[0].is_file()]:
         raise DatasetError(
             f"{', '.join(f'data.{s}_json' for s in missing)} names no file the generator writes; with "
