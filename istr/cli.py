@@ -81,15 +81,16 @@ def _eval(args: argparse.Namespace) -> None:
     from istr.engine.train import evaluate_run
 
     run = load_run(Path(args.run), args.device)
-    print(json.dumps(evaluate_run(run.cfg, run.model, run.codec, run.device, Path(args.run)), indent=2))
+    detections = Path(args.save_detections) if args.save_detections else None
+    print(json.dumps(evaluate_run(run.cfg, run.model, run.codec, run.device, Path(args.run), detections), indent=2))
 
 
 def _predict(args: argparse.Namespace) -> None:
     from istr.engine.predict import load_run, predict_images
 
     run = load_run(Path(args.run), args.device)
-    for path in predict_images(run, [Path(p) for p in args.images], Path(args.out), args.score_threshold):
-        print(path)
+    json_path = Path(args.json) if args.json else None
+    predict_images(run, [Path(p) for p in args.images], Path(args.out), args.score_threshold, json_path, print)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO-evaluate a run dir on its val split -> eval.json")
     p.add_argument("--run", required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument("--save-detections", default=None, metavar="FILE", help="also write the detections (results json)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="draw prediction overlays for image files")
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto")
-    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every detection as a COCO results json")
     p.set_defaults(func=_predict)
     from istr.ablate import add_parser as add_ablate_parser
     from istr.bench import add_parsers as add_bench_parsers

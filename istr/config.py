@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,9 @@ class TrainConfig:
     warmup_steps: int = 1000
     warmup_factor: float = 0.01
     lr_steps: list[int] = field(default_factory=lambda: [210_000, 250_000])
+    # Schedule as fractions of max_steps (docs/own-data.md); when set they replace warmup_steps / lr_steps.
+    warmup_frac: float | None = None
+    lr_step_fracs: list[float] | None = None
     lr_gamma: float = 0.1
     clip_grad_norm: float = 1.0
     checkpoint_every: int = 5000
@@ -247,6 +252,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     OmegaConf.set_readonly(cfg, False)
     result: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate_choices(result)
+    validate_values(result)
     return result
 
 
@@ -266,6 +272,75 @@ def validate_choices(cfg: Config) -> None:
     for key, (value, registry) in choices.items():
         if value not in registry:
             raise ConfigError(f"{key}={value!r} is not a known arm; valid: {', '.join(sorted(registry))}")
+
+
+def _rule(test: Callable[[float], bool], text: str, non_empty: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def ok(value: Any) -> bool:
+        values = value if isinstance(value, list) else [value]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        return (bool(values) or not non_empty) and numbers and all(test(v) for v in values)
+
+    return ok, text
+
+
+_POSITIVE = _rule(lambda v: v >= 1, ">= 1")
+_COUNT = _rule(lambda v: v >= 0, ">= 0")
+_NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0 (finite)")
+_ABOVE_ZERO = _rule(lambda v: v > 0, "> 0 (finite)")
+_PROBABILITY = _rule(lambda v: 0 <= v <= 1, "[0, 1]")
+_FRACTION = _rule(lambda v: 0 < v <= 1, "(0, 1]")
+
+# Every numeric key with a domain; each element of a list value must be in range.
+VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.train_short_sizes": _rule(lambda v: v >= 1, "a non-empty list of values >= 1", non_empty=True),
+    **dict.fromkeys(["data.train_max_size", "data.test_short_size", "data.test_max_size",
+                     "data.size_divisibility", "data.synth.num_train", "data.synth.num_val",
+                     "data.synth.max_instances", "codec.dim", "codec.max_fit_masks", "model.hidden_dim",
+                     "model.num_queries", "model.num_stages", "model.num_heads", "model.ffn_dim",
+                     "model.dynamic_dim", "model.pooler_resolution", "model.head_layers", "train.max_steps",
+                     "train.batch_size", "train.checkpoint_every", "train.log_every", "eval.max_detections",
+                     "eval.batch_size", "pretrain.num_images", "pretrain.steps", "pretrain.batch_size",
+                     "data.crop.pre_crop_sizes"], _POSITIVE),
+    **dict.fromkeys(["data.num_workers", "data.synth.min_instances", "model.pooler_sampling_ratio",
+                     "train.warmup_steps", "train.lr_steps", "train.eval_every", "train.num_threads"], _COUNT),
+    **dict.fromkeys(["matcher.cost_class", "matcher.cost_l1", "matcher.cost_giou", "matcher.cost_mask",
+                     "matcher.focal_gamma", "loss.weight_class", "loss.weight_l1", "loss.weight_giou",
+                     "loss.weight_mask", "loss.focal_gamma", "train.weight_decay"], _NON_NEGATIVE),
+    **dict.fromkeys(["train.lr", "train.clip_grad_norm", "pretrain.lr", "data.crop.size"], _ABOVE_ZERO),
+    **dict.fromkeys(["data.flip_prob", "matcher.focal_alpha", "loss.focal_alpha", "eval.mask_threshold",
+                     "train.warmup_factor", "data.crop.prob"], _PROBABILITY),
+    **dict.fromkeys(["data.synth.min_object_frac", "data.synth.max_object_frac", "train.lr_gamma",
+                     "train.lr_step_fracs"], _FRACTION),
+    "data.synth.image_size": _rule(lambda v: v >= 16, ">= 16"),
+    "codec.mask_size": _rule(lambda v: v >= 2, ">= 2"),
+    "model.prior_prob": _rule(lambda v: 0 < v < 1, "(0, 1)"),
+    "model.dropout": _rule(lambda v: 0 <= v < 1, "[0, 1)"),
+    "train.warmup_frac": _rule(lambda v: 0 <= v < 1, "[0, 1)"),
+    "model.freeze_at": _rule(lambda v: 0 <= v <= 2, "0, 1 or 2"),
+}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate_values(cfg: Config) -> None:
+    """Reject a numeric value outside its domain (:data:`VALUE_RANGES`), naming the key and the range."""
+    for key, (ok, text) in VALUE_RANGES.items():
+        value = _value(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range; valid: {text}")
+    pairs = [("data.synth.min_instances", "data.synth.max_instances"),
+             ("data.synth.min_object_frac", "data.synth.max_object_frac")]
+    for low, high in pairs:
+        if _value(cfg, low) > _value(cfg, high):
+            raise ConfigError(f"{low}={_value(cfg, low)!r} exceeds {high}={_value(cfg, high)!r}; need {low} <= {high}")
+    if cfg.model.hidden_dim % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_dim={cfg.model.hidden_dim} must be a multiple of "
+                          f"model.num_heads={cfg.model.num_heads}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

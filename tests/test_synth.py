@@ -44,7 +44,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path) -> N
     _generate(tmp_path / "b", seed=3)
     _generate(tmp_path / "c", seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
-    assert len(a) == 4 + 2 + 2
+    assert len(a) == 4 + 2 + 2 + 1  # images, jsons, synth_params.json
     assert a == b
     assert a.keys() == c.keys()
     assert a["annotations/instances_train.json"] != c["annotations/instances_train.json"]

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from istr.data.checks import check_images
 from istr.data.coco import CocoInstances, DatasetError
 from istr.data.collate import collate_batch
 from istr.data.sampler import ResumableBatchSampler, SeededSamples
-from istr.data.synth import generate_synthetic_coco
+from istr.data.synth import (
+    MARKER,
+    NotOurFolderError,
+    annotation_path,
+    claim_folder,
+    generate_synthetic_coco,
+    is_generated,
+)
 from istr.data.transforms import RandomCrop, build_transforms
-from istr.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -29,29 +37,73 @@ def split_paths(data_cfg, split: str) -> tuple[Path, Path]:
     return root / getattr(data_cfg, f"{split}_json"), root / getattr(data_cfg, f"{split}_images")
 
 
-def ensure_dataset(data_cfg) -> None:
-    """Generate the synthetic dataset under ``data.root`` when enabled and missing.
+def _synth_params(synth) -> dict:
+    return {k: getattr(synth, k) for k in ("num_train", "num_val", "image_size", "min_instances",
+                                           "max_instances", "min_object_frac", "max_object_frac", "seed")}
 
-    The generator parameters are stored beside it; a dataset made with other parameters is an
-    error rather than silently reused.
+
+def ensure_dataset(data_cfg) -> None:
+    """Make sure ``data.root`` holds a dataset; generate the synthetic one only where that is safe.
+
+    Generation happens only with ``data.synth.enabled`` and a ``data.root`` that is missing, empty
+    or made by the generator (docs/own-data.md). Any other folder is the user's: an error says to
+    set ``data.synth.enabled=false`` rather than writing into it. A generated dataset made with other
+    parameters is an error rather than silently reused.
     """
+    root = Path(data_cfg.root)
     synth = data_cfg.synth
     if not synth.enabled:
+        if not root.is_dir():
+            raise DatasetError(f"data.root={root} does not exist; point data.root at your COCO-format dataset")
         return
-    params = {k: getattr(synth, k) for k in ("num_train", "num_val", "image_size", "min_instances",
-                                             "max_instances", "min_object_frac", "max_object_frac", "seed")}
-    marker = Path(data_cfg.root) / "synth_params.json"
-    if all(split_paths(data_cfg, s)[0].is_file() for s in SPLITS):
-        if marker.is_file() and json.loads(marker.read_text()) != params:
-            raise DatasetError(f"{data_cfg.root} was generated with {marker.read_text().strip()}, not {params}; "
+    params = _synth_params(synth)
+    complete = False
+    if is_generated(root):
+        if json.loads((root / MARKER).read_text()) != params:
+            raise DatasetError(f"{root} was generated with {(root / MARKER).read_text().strip()}, not {params}; "
                                "delete it or point data.root elsewhere")
-        return
-    log.info("generating synthetic dataset under %s", data_cfg.root)
-    generate_synthetic_coco(Path(data_cfg.root), synth.num_train, synth.num_val, seed=synth.seed,
-                            image_size=synth.image_size, min_instances=synth.min_instances,
-                            max_instances=synth.max_instances, min_object_frac=synth.min_object_frac,
-                            max_object_frac=synth.max_object_frac)
-    atomic_write_json(marker, params)
+        complete = all(annotation_path(root, s).is_file() for s in SPLITS)
+    missing = [f"data.{s}_json={getattr(data_cfg, f'{s}_json')}" for s in SPLITS
+               if not split_paths(data_cfg, s)[0].is_file()]
+    if not complete:
+        try:
+            claim_folder(root, params)
+        except NotOurFolderError as err:
+            hint = f"; also check {', '.join(missing)} (not found under data.root)" if missing else ""
+            raise DatasetError(f"data.synth.enabled is true but data.root: {err}. "
+                               f"For your own dataset set data.synth.enabled=false{hint}") from None
+        log.warning("generating a synthetic shapes dataset under %s (data.synth.enabled=true); "
+                    "for your own dataset set data.synth.enabled=false", root)
+        generate_synthetic_coco(root, synth.num_train, synth.num_val, seed=synth.seed, image_size=synth.image_size,
+                                min_instances=synth.min_instances, max_instances=synth.max_instances,
+                                min_object_frac=synth.min_object_frac, max_object_frac=synth.max_object_frac)
+    if missing := [s for s in SPLITS if not split_paths(data_cfg, s)[0].is_file()]:
+        raise DatasetError(
+            f"{', '.join(f'data.{s}_json' for s in missing)} names no file the generator writes; with "
+            f"data.synth.enabled use {', '.join(str(annotation_path('', s)) for s in missing)} (relative to data.root)"
+        )
+
+
+def check_dataset(data_cfg, cache_dir: Path | None) -> None:
+    """Every record and every image of both splits, before training (docs/own-data.md, "Validation").
+
+    A missing json or image folder names its ``data.*`` key; other problems name the file and record.
+    Cached under ``cache_dir`` by the json's hash and the image files' sizes; ``data.validate=false``
+    keeps only the path checks.
+    """
+    for split in SPLITS:
+        json_path, image_dir = split_paths(data_cfg, split)
+        if not json_path.is_file():
+            raise DatasetError(f"data.{split}_json: {json_path} does not exist (paths are relative to data.root)")
+        if not image_dir.is_dir():
+            raise DatasetError(f"data.{split}_images: {image_dir} is not a folder (paths are relative to data.root)")
+        if not data_cfg.validate:
+            continue
+        dataset = CocoInstances(json_path, image_dir, validate=True)
+        started = time.perf_counter()
+        cached = check_images(dataset.coco, json_path, image_dir, cache_dir)
+        log.info("%s split: %d images %s (%.1f s)", split, len(dataset), "checked before (cached)" if cached
+                 else "decoded and checked", time.perf_counter() - started)
 
 
 def build_dataset(data_cfg, split: str, train: bool) -> CocoInstances:

@@ -24,11 +24,11 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from istr.data.checks import DatasetError, check_records
+
+__all__ = ["CocoInstances", "DatasetError"]  # DatasetError's home is istr.data.checks
+
 Transform = Callable[[Tensor, dict], tuple[Tensor, dict]]
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message names the file, the record and how to fix it."""
 
 
 def _load_coco(annotation_file: Path) -> COCO:
@@ -46,26 +46,6 @@ def _load_coco(annotation_file: Path) -> COCO:
             f"{annotation_file} is not a readable COCO instances json ({type(e).__name__}: {e}); "
             "fix or regenerate the file"
         ) from e
-
-
-def _segmentation_problem(ann: dict, height: int, width: int) -> str | None:
-    """Why ``ann['segmentation']`` cannot be rasterised, or None when it can."""
-    seg = ann.get("segmentation")
-    if isinstance(seg, list):
-        if not seg and not ann.get("iscrowd", 0):
-            return "non-crowd annotation has an empty segmentation"
-        for poly in seg:
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-                size = len(poly) if isinstance(poly, list) else type(poly).__name__
-                return f"degenerate polygon ({size} coordinates; need an even count >= 6)"
-        return None
-    if isinstance(seg, dict):
-        if "counts" not in seg or "size" not in seg:
-            return "RLE segmentation lacks 'counts' or 'size'"
-        if list(seg["size"]) != [height, width]:
-            return f"RLE size {list(seg['size'])} differs from the image's {[height, width]}"
-        return None
-    return f"segmentation is {type(seg).__name__}, expected a list of polygons or an RLE dict"
 
 
 def _tight_box(mask: np.ndarray) -> list[float]:
@@ -113,31 +93,12 @@ class CocoInstances(Dataset):
         return [self.category_ids[int(label)] for label in labels]
 
     def _validate(self) -> None:
-        src = self.annotation_file
-        if not self.category_ids:
-            raise DatasetError(f"{src} defines no categories; add a 'categories' list")
-        for ann in self.coco.anns.values():
-            ann_id, image_id = ann["id"], ann.get("image_id")
-            where = f"annotation id {ann_id} (image id {image_id}) in {src}"
-            if image_id not in self.coco.imgs:
-                raise DatasetError(
-                    f"{where} refers to an image id missing from 'images'; "
-                    "add the image record or remove the annotation"
-                )
-            if ann.get("category_id") not in self._label_of:
-                raise DatasetError(
-                    f"{where} has category id {ann.get('category_id')}, not in 'categories' "
-                    f"(known ids {self.category_ids}); fix the category_id or add the category"
-                )
-            info = self.coco.imgs[image_id]
-            problem = _segmentation_problem(ann, info["height"], info["width"])
-            if problem:
-                raise DatasetError(f"{where}: {problem}; fix or remove this annotation")
+        check_records(self.coco, self.annotation_file)
         missing = [i for i in self.image_ids if not os.path.exists(self._image_path(i))]
         if missing:
             raise DatasetError(
                 f"image file {self._image_path(missing[0])} (image id {missing[0]}, listed in "
-                f"{src}) does not exist ({len(missing)} of {len(self.image_ids)} images missing); "
+                f"{self.annotation_file}) does not exist ({len(missing)} of {len(self.image_ids)} images missing); "
                 "check image_dir or the images' file_name"
             )
 

@@ -10,7 +10,9 @@ Properties the rest of the project relies on:
   :func:`scaled_area_thresholds`) when ``[min_object_frac, max_object_frac]`` allows it;
 - occlusion is exact: every painted object pixel belongs to exactly one annotated instance, whose
   annotation is its visible mask;
-- output is byte-identical for a given seed.
+- output is byte-identical for a given seed;
+- it writes only into a missing or empty folder, or one holding its own ``synth_params.json``
+  (:data:`MARKER`), so a user's dataset is never overwritten (docs/own-data.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from istr.data.checks import DatasetError
+
 # A shape is a list of (polygon in unit coordinates inside the unit disc, fill value); fill 0
 # cuts a hole (ring).
 Parts = list[tuple[np.ndarray, int]]
@@ -36,6 +40,11 @@ COLOUR_TRIES = 10
 MIN_CONTRAST = 90.0  # Euclidean RGB distance between object colour and the background under it
 SHADE_AMPLITUDE = 35.0  # per-object linear shading, so one flat colour does not identify it
 GRAIN_STD = 6.0  # fine noise over the whole image
+MARKER = "synth_params.json"  # the generator's parameters; its presence marks a folder the generator made
+
+
+class NotOurFolderError(DatasetError):
+    """The output folder holds files the generator did not write."""
 
 
 def _unit_circle(k: int, rx: float = 1.0, ry: float = 1.0) -> np.ndarray:
@@ -257,8 +266,32 @@ def _generate_split(
         "annotations": annotations,
         "categories": categories,
     }
-    _write_json_atomic(out_dir / "annotations" / f"instances_{split}.json", dataset)
+    _write_json_atomic(annotation_path(out_dir, split), dataset)
     return {"images": len(images), "instances": len(annotations), **sizes}
+
+
+def annotation_path(out_dir: Path, split: str) -> Path:
+    """Where the generator writes ``split``'s json; written last, so it marks a complete split."""
+    return Path(out_dir) / "annotations" / f"instances_{split}.json"
+
+
+def is_generated(folder: Path) -> bool:
+    """True when ``folder`` was made by :func:`generate_synthetic_coco` (it holds :data:`MARKER`)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def claim_folder(out_dir: Path, params: dict) -> None:
+    """Refuse a folder with files the generator did not write; else record ``params`` in :data:`MARKER`."""
+    if out_dir.exists() and not is_generated(out_dir):
+        if not out_dir.is_dir():
+            raise NotOurFolderError(f"{out_dir} is a file, not a folder; the synthetic dataset needs a folder")
+        if any(out_dir.iterdir()):
+            raise NotOurFolderError(
+                f"{out_dir} is not empty and holds no {MARKER}, so the generator did not make it; "
+                "it writes only into a missing or empty folder (or one it made)"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out_dir / MARKER, params)
 
 
 def generate_synthetic_coco(
@@ -290,6 +323,11 @@ def generate_synthetic_coco(
     if not 0.0 < min_object_frac <= max_object_frac <= 1.0:
         raise ValueError(f"need 0 < min_object_frac <= max_object_frac <= 1, got {min_object_frac}, {max_object_frac}")
     out_dir = Path(out_dir)
+    claim_folder(out_dir, {
+        "num_train": num_train, "num_val": num_val, "image_size": image_size, "min_instances": min_instances,
+        "max_instances": max_instances, "min_object_frac": min_object_frac, "max_object_frac": max_object_frac,
+        "seed": seed,
+    })
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
     # Independent derived streams, so train and val never share images.
     train_seq, val_seq = np.random.SeedSequence(seed).spawn(2)

@@ -41,6 +41,27 @@ def to_coco_results(prediction: dict, image_id: int, category_ids: list[int]) ->
 
 
 @torch.no_grad()
+def predict_batch(
+    model: torch.nn.Module,
+    codec: torch.nn.Module,
+    batch: dict,
+    device: torch.device,
+    max_detections: int = 100,
+    mask_threshold: float = 0.5,
+) -> list[dict]:
+    """One collated batch -> per image {scores, labels, boxes, masks} in original image coordinates.
+
+    The one inference path of ``istr eval`` and ``istr predict``, so their detections are the same.
+    """
+    images = batch["images"].to(device, non_blocking=True)
+    image_sizes = batch["image_sizes"].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        outputs = model(images, image_sizes)
+    orig_sizes = torch.tensor([t["orig_size"] for t in batch["targets"]])
+    return postprocess(outputs, codec, image_sizes, orig_sizes, max_detections, mask_threshold)
+
+
+@torch.no_grad()
 def predict_dataset(
     model: torch.nn.Module,
     codec: torch.nn.Module,
@@ -54,12 +75,7 @@ def predict_dataset(
     model.eval()
     results: list[dict] = []
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True, mininterval=2.0):
-        images = batch["images"].to(device, non_blocking=True)
-        image_sizes = batch["image_sizes"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = model(images, image_sizes)
-        orig_sizes = torch.tensor([t["orig_size"] for t in batch["targets"]])
-        predictions = postprocess(outputs, codec, image_sizes, orig_sizes, max_detections, mask_threshold)
+        predictions = predict_batch(model, codec, batch, device, max_detections, mask_threshold)
         for prediction, target in zip(predictions, batch["targets"]):
             results.extend(to_coco_results(prediction, int(target["image_id"]), category_ids))
     return results

@@ -6,10 +6,13 @@ torchrun, atomic checkpoints, exact resume (ISTR_SPEC §5).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from istr.codecs import MaskCodec, load_codec
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config, config_hash, to_dict, to_yaml
-from istr.data.build import build_dataset, build_eval_loader, build_train_loader, ensure_dataset, split_paths
+from istr.data.build import (
+    build_dataset,
+    build_eval_loader,
+    build_train_loader,
+    check_dataset,
+    ensure_dataset,
+    split_paths,
+)
 from istr.engine import dist as D
 from istr.engine.checkpoint import load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
@@ -54,17 +64,26 @@ def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list
     return factor
 
 
+def schedule_steps(train_cfg) -> tuple[int, list[int]]:
+    """(warmup steps, decay steps): ``warmup_frac`` / ``lr_step_fracs`` x ``max_steps`` when set, else the
+    absolute ``warmup_steps`` / ``lr_steps`` (docs/own-data.md, "The finetune preset")."""
+    steps = train_cfg.max_steps
+    warmup = train_cfg.warmup_steps if train_cfg.warmup_frac is None else round(train_cfg.warmup_frac * steps)
+    if train_cfg.lr_step_fracs is None:
+        return warmup, list(train_cfg.lr_steps)
+    return warmup, [round(f * steps) for f in train_cfg.lr_step_fracs]
+
+
 def build_optimizer(
     model: torch.nn.Module, train_cfg
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     params = [p for p in model.parameters() if p.requires_grad]
+    warmup_steps, lr_steps = schedule_steps(train_cfg)
     # fused: one kernel for all parameters instead of ~10 per tensor (~8% of a tiny CPU step); same math.
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(
-            step, train_cfg.warmup_steps, train_cfg.warmup_factor, list(train_cfg.lr_steps), train_cfg.lr_gamma
-        ),
+        lambda step: lr_factor(step, warmup_steps, train_cfg.warmup_factor, lr_steps, train_cfg.lr_gamma),
     )
     return optimizer, scheduler
 
@@ -160,8 +179,15 @@ def build_sinks(cfg: Config, run_dir: Path, start_step: int, info: D.DistInfo) -
     return MultiSink(sinks), wandb_sink
 
 
-def evaluate_run(cfg: Config, model: torch.nn.Module, codec: MaskCodec, device: torch.device, run_dir: Path) -> dict:
-    """COCOeval on the val split -> run_dir/eval.json (percent)."""
+def evaluate_run(
+    cfg: Config,
+    model: torch.nn.Module,
+    codec: MaskCodec,
+    device: torch.device,
+    run_dir: Path,
+    detections_path: Path | None = None,
+) -> dict:
+    """COCOeval on the val split -> run_dir/eval.json (percent); the detections too, to ``detections_path``."""
     val_set = build_dataset(cfg.data, "val", train=False)
     loader = build_eval_loader(val_set, cfg.data, cfg.eval.batch_size)
     results = predict_dataset(
@@ -174,10 +200,23 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, codec: MaskCodec, device: 
         cfg.eval.mask_threshold,
         cfg.logging.progress,
     )
+    if detections_path is not None:
+        atomic_write_json(detections_path, results)
     metrics, summary = coco_evaluate(val_set.coco, results)
     atomic_write_json(run_dir / "eval.json", metrics)
     atomic_write_text(run_dir / "eval.txt", summary)
     return metrics
+
+
+@contextlib.contextmanager
+def _removed_on_failure(run_dir: Path, fresh: bool) -> Iterator[None]:
+    """A run dir this start created is removed when the start fails: no config.yaml / codec.pt leftovers."""
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
@@ -185,31 +224,35 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     info = D.init_distributed(cfg.train.device)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
+    fresh = info.is_main and not resume and not run_dir.exists()
     if info.is_main:
         if not resume and ckpt_path.exists():
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick --out")
+        # Both splits are checked before anything is written (config values were, by load_config).
+        ensure_dataset(cfg.data)
+        check_dataset(cfg.data, Path(cfg.cache_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         atomic_write_json(
             run_dir / "run.json",
             {"config_hash": config_hash(cfg), "world_size": info.world_size, "device": str(info.device)},
         )
-        ensure_dataset(cfg.data)
     D.barrier()
     if cfg.train.num_threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
 
-    train_set = build_dataset(cfg.data, "train", train=True)
-    codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
-    if info.is_main:
-        resolve_backbone_weights(cfg)  # pretrains and caches an 'auto' backbone once (one-time cost)
-    D.barrier()
-    model = build_model(cfg.model, train_set.num_classes, codec.dim, resolve_backbone_weights(cfg, build=False))
-    model = model.to(info.device)
-    if info.device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(model, cfg.train)
+    with _removed_on_failure(run_dir, fresh):
+        train_set = build_dataset(cfg.data, "train", train=True)
+        codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
+        if info.is_main:
+            resolve_backbone_weights(cfg)  # pretrains and caches an 'auto' backbone once (one-time cost)
+        D.barrier()
+        weights = resolve_backbone_weights(cfg, build=False)
+        model = build_model(cfg.model, train_set.num_classes, codec.dim, weights).to(info.device)
+        if info.device.type == "cuda" and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer, scheduler = build_optimizer(model, cfg.train)
     start_step = 0
     if resume:
         checkpoint = load_checkpoint(ckpt_path, info.device)
