@@ -5,7 +5,6 @@ Every trial is a tiny 2-step training in a subprocess (a few seconds each on a C
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -17,37 +16,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from istr.config import load_config, to_yaml
+from istr.config import load_config
 from istr.sweep import load_spec, run_sweep, sweep_status
 from istr.sweep.cli import add_parsers
 from istr.sweep.spec import cell_identity
 from istr.sweep.storage import open_storage
+from tests.sweep_helpers import REPO, cell_dirs, metrics_lines, read_rows, write_setup
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_setup(tmp_path: Path, cfg_factory, values: list[str], *extra: str) -> tuple[Path, Path]:
-    """A base preset (the tiny test config) and a loss-axis grid spec over ``values``."""
-    preset = tmp_path / "base.yaml"
-    preset.write_text(to_yaml(cfg_factory("train.max_steps=2", "train.num_threads=1", *extra)))
-    spec = tmp_path / "loss.yaml"
-    arms = ", ".join(f'"{v}"' for v in values)
-    spec.write_text((REPO / "sweeps" / "loss.yaml").read_text().replace('["l2+dice", l2, dice]', f"[{arms}]"))
-    return preset, spec
-
-
-def read_rows(root: Path, study: str) -> list[dict]:
-    with open(root / study / "results.csv") as handle:
-        return list(csv.DictReader(handle))
-
-
-def metrics_lines(run_dirs: list[Path]) -> dict[str, int]:
-    return {d.name: len((d / "metrics.jsonl").read_text().splitlines()) for d in run_dirs}
-
-
-def cell_dirs(root: Path, study: str) -> list[Path]:
-    return sorted(p for p in (root / study).iterdir() if p.is_dir() and (p / "config.yaml").exists())
 
 
 def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
@@ -227,59 +203,6 @@ def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
     args = parser.parse_args(["sweep", "status", "nope", "--root", str(tmp_path)])
     with pytest.raises(FileNotFoundError):
         args.func(args)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL server (initdb + pg_ctl on a free loopback port), stopped at teardown."""
-    import shutil
-    import tempfile
-
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH; install the 'postgresql' package")
-    base = Path(tempfile.mkdtemp(prefix="istr-pg-"))  # not under pytest's 0700 tmp: the server user reads it
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
-        shutil.chown(base, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    opts = f"-k {base} -p {port} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def test_two_workers_on_postgres_run_each_cell_once(tmp_path, tiny_cfg_factory, postgres_url):
-    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
-    root = tmp_path / "runs"
-    counts = run_sweep(spec, preset=str(preset), seeds=1, sets=["logging.wandb=false"], study_name="pg",
-                       workers=2, storage_url=postgres_url, root=root, progress=False)
-    assert counts["done"] == 2 and counts["failed"] == 0
-    study = optuna.load_study(study_name="pg", storage=open_storage(postgres_url, root, "pg"))
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 2 and len({t.user_attrs["cell_id"] for t in complete}) == 2
-    assert all("AP" in t.user_attrs["record"]["eval"]["segm"] for t in complete)  # rows without the dirs
-    assert set(metrics_lines(cell_dirs(root, "pg")).values()) == {2}
-    assert len(read_rows(root, "pg")) == 2
-    assert sweep_status("pg", postgres_url, root)["done"] == 2
-    assert not (root / "pg" / "journal.log").exists()
 
 
 def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_factory, monkeypatch):

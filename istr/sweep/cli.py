@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
@@ -49,8 +50,22 @@ def sweep_command(args: argparse.Namespace) -> None:
         raise SpecError(f"unexpected argument {args.study!r} after the spec (did you mean --name?)")
     counts = run_sweep(args.spec, preset=args.preset, seeds=args.seeds, sets=args.sets, study_name=args.name,
                        workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
-                       root=Path(args.root), trials=args.trials)
+                       root=Path(args.root), trials=args.trials, wait=not args.no_wait)
     _print_status(counts)
+    exit_if_unfinished(counts)
+
+
+def exit_if_unfinished(counts: dict) -> None:
+    """Exit non-zero, saying why, unless every cell of the study is done (3: some still run elsewhere)."""
+    if counts["running"]:
+        print(f"istr sweep: {counts['running']} cell(s) still running elsewhere: "
+              + "; ".join(counts["running_cells"]), file=sys.stderr)
+        raise SystemExit(3)
+    if counts["done"] < counts["total"]:
+        print(f"istr sweep: {counts['done']}/{counts['total']} cells done ({counts['failed']} failed, "
+              f"{counts['stale']} stale, {counts['pending']} pending); re-run the same command to retry",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 def status_command(args: argparse.Namespace) -> None:
@@ -120,6 +135,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="study name (default <axis>-<preset>)")
     p.add_argument("--trials", type=int, default=None,
                    help="trial budget of a random/bayes spec (default: its run_cap); grids run every cell")
+    p.add_argument("--no-wait", action="store_true",
+                   help="exit when this machine has nothing left to run, without waiting for the cells other "
+                   "machines run (exit status 3 while some do)")
     p.set_defaults(func=sweep_command)
 
     p = sub.add_parser("sweep-status", help="cells done/running/failed/remaining of a study")
