@@ -97,7 +97,7 @@ def test_machines_on_one_postgres_study_queue_once_and_all_see_every_result(
     results.csv holds every cell, wherever it ran."""
     roots, codes, outputs = _machines(machines, tmp_path, tiny_cfg_factory, postgres_url, arms, seeds)
     cells = len(arms) * seeds
-    assert codes == [0] * machines, outputs
+    assert codes == [0] * machines, "\n".join(outputs)
     study = optuna.load_study(study_name="shared", storage=open_storage(postgres_url, tmp_path, "shared"))
     assert len(study.trials) == cells, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in study.trials]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -107,4 +107,4 @@ def test_machines_on_one_postgres_study_queue_once_and_all_see_every_result(
         assert all(r["segm_AP"] != "" and r["steps"] == "2" for r in rows)
     trained = [d.name for root in roots for d in cell_dirs(root, "shared")]
     assert sorted(trained) == sorted({t.user_attrs["cell_id"] for t in study.trials})  # each cell trained once
-    assert not any("Heartbeat of storage" in out or "Traceback" in out for out in outputs), outputs
+    assert not any("Heartbeat of storage" in out or "Traceback" in out for out in outputs), "\n".join(outputs)

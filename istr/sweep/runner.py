@@ -249,8 +249,8 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
             counts = status_counts(study, Path(plan.root))
             if not counts["running"] or not wait:
                 break
-            if counts["running_elsewhere"] != announced:
-                announced = counts["running_elsewhere"]
+            if counts["running_cells"] != announced:
+                announced = counts["running_cells"]
                 print(f"sweep {plan.study}: waiting for {len(announced)} cell(s) running elsewhere: "
                       + "; ".join(announced), file=sys.stderr, flush=True)
             time.sleep(poll_s)
