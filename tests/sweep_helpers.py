@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from istr.config import to_yaml
@@ -31,3 +34,13 @@ def metrics_lines(run_dirs: list[Path]) -> dict[str, int]:
 
 def cell_dirs(root: Path, study: str) -> list[Path]:
     return sorted(p for p in (root / study).iterdir() if p.is_dir() and (p / "config.yaml").exists())
+
+
+def wandb_run(offline: Path) -> tuple[dict, list[dict]]:
+    """An offline W&B run read by W&B's own reader (``wandb leet inspect --json``): summary info, history rows."""
+    cli = [sys.executable, "-m", "wandb", "leet", "inspect"]
+    info = json.loads(subprocess.run([*cli, "--summary", "--json", str(offline)], check=True, capture_output=True,
+                                     text=True).stdout)
+    records = subprocess.run([*cli, "--json", str(offline)], check=True, capture_output=True, text=True).stdout
+    history = [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
+    return info, history

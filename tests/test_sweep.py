@@ -5,6 +5,7 @@ Every trial is a tiny 2-step training in a subprocess (a few seconds each on a C
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from istr.sweep import load_spec, run_sweep, sweep_status
 from istr.sweep.cli import add_parsers
 from istr.sweep.spec import cell_identity
 from istr.sweep.storage import open_storage
-from tests.sweep_helpers import REPO, cell_dirs, metrics_lines, read_rows, write_setup
+from tests.sweep_helpers import REPO, cell_dirs, metrics_lines, read_rows, wandb_run, write_setup
 
 pytestmark = pytest.mark.slow
 
@@ -156,13 +157,16 @@ def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tin
     assert metrics_lines(cell_dirs(root, "hp")) == before  # the budget is spent: nothing trains again
 
 
-def test_killed_worker_leaves_cell_rerunnable(tmp_path, tiny_cfg_factory):
-    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"], "train.checkpoint_every=1")
+def test_killed_worker_leaves_cell_rerunnable_as_one_wandb_run(tmp_path, tiny_cfg_factory, monkeypatch):
+    """SIGKILL mid-training, then the same command: the cell resumes into the same W&B run (one offline run
+    whose history covers every step), and its cost sums both attempts."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"], "train.checkpoint_every=1", "logging.wandb=true")
     root = tmp_path / "runs"
     code = (
         "from pathlib import Path; from istr.sweep import run_sweep; "
-        f"run_sweep({str(spec)!r}, preset={str(preset)!r}, seeds=1, sets=['logging.wandb=false', "
-        f"'train.max_steps=30'], study_name='kill', root=Path({str(root)!r}), progress=False)"
+        f"run_sweep({str(spec)!r}, preset={str(preset)!r}, seeds=1, sets=['train.max_steps=30'], "
+        f"study_name='kill', root=Path({str(root)!r}), progress=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, cwd=REPO)
     deadline = time.time() + 240
@@ -176,17 +180,25 @@ def test_killed_worker_leaves_cell_rerunnable(tmp_path, tiny_cfg_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     status = sweep_status("kill", None, root)
-    assert status["running"] == 1 and status["done"] == 0
+    assert (status["running"], status["stale"], status["done"]) == (0, 1, 0)  # its worker pid is gone
 
-    counts = run_sweep(spec, preset=str(preset), seeds=1, sets=["logging.wandb=false", "train.max_steps=30"],
-                       study_name="kill", root=root, progress=False)
+    counts = run_sweep(spec, preset=str(preset), seeds=1, sets=["train.max_steps=30"], study_name="kill", root=root,
+                       progress=False)
     assert counts["done"] == 1 and counts["running"] == 0
-    rows = read_rows(root, "kill")
-    assert len(rows) == 1 and rows[0]["steps"] == "30"
+    (row,) = read_rows(root, "kill")
+    assert row["steps"] == "30" and row["attempts"] == "2"
     # the killed attempt left checkpoints/last.pt, so the re-run had to continue it with --resume
     # (a fresh `istr train` into that dir refuses to start)
     states = [t.state for t in optuna.load_study(study_name="kill", storage=open_storage(None, root, "kill")).trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 1
+    run_dir = Path(row["run_dir"])
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["attempts"] == 2 and summary["train_seconds"] > summary["attempt_seconds"]
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")  # the killed attempt's is set aside
+    assert list((run_dir / "wandb-attempts").glob("offline-run-*"))
+    info, history = wandb_run(offline)
+    assert info["run_id"] == row["wandb_run_id"]
+    assert sorted(h["_step"] for h in history if "loss" in h) == list(range(1, 31))
 
 
 def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
@@ -206,8 +218,6 @@ def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
 
 
 def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_factory, monkeypatch):
-    import json
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
     root = tmp_path / "runs"
@@ -215,17 +225,15 @@ def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_fact
     (row,) = read_rows(root, "wb")
     assert row["wandb_run_id"]
     (offline,) = (Path(row["run_dir"]) / "wandb").glob("offline-run-*")
-    wandb_cli = [sys.executable, "-m", "wandb", "leet", "inspect"]
-    summary = json.loads(subprocess.run([*wandb_cli, "--summary", "--json", str(offline)], check=True,
-                                        capture_output=True, text=True).stdout)
+    summary, history = wandb_run(offline)
     assert summary["run_id"] == row["wandb_run_id"]
-    assert summary["config"]["loss"]["mask"] == "l2"
+    assert summary["config"]["loss"]["mask"] == "l2" and summary["config"]["loss.mask"] == "l2"  # nested + flat
     assert summary["config"]["logging"]["wandb_group"] == "wb"
     assert summary["config"]["logging"]["wandb_job_type"] == "loss"
     assert summary["summary"]["segm_AP"] == pytest.approx(float(row["segm_AP"]))
-    records = subprocess.run([*wandb_cli, "--json", str(offline)], check=True, capture_output=True, text=True).stdout
-    history = [json.loads(line)["history"] for line in records.splitlines() if '"type":"history"' in line]
-    assert len(history) == 2 and all("loss" in json.dumps(h) for h in history)
+    assert len(history) == 2 and all("loss" in h for h in history)
+    assert summary["name"] == "loss/l2/s0" and summary["state"] == "finished"
+    assert set(summary["tags"]) == {"axis:loss", "arm:l2", "seed:0", "study:wb", f"cell:{row['cell_id']}"}
 
 
 def test_sweep_to_paper_tables_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch):
