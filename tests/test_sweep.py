@@ -132,17 +132,20 @@ def test_two_workers_share_a_journal_and_run_each_cell_once(tmp_path, tiny_cfg_f
 
 
 def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tiny_cfg_factory):
-    """sweeps/hparams.yaml end to end: TPE trials in the spec's log/uniform bounds, budget = --trials."""
+    """sweeps/hparams.yaml end to end: TPE trials in the spec's log/uniform bounds, budget = --trials, and each
+    train.eval_every evaluation reported to Optuna (the dashboard's intermediate values)."""
     preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
     root = tmp_path / "runs"
     spec = load_spec(REPO / "sweeps" / "hparams.yaml")
-    args = dict(preset=str(preset), sets=["logging.wandb=false"], study_name="hp", root=root, progress=False)
+    args = dict(preset=str(preset), sets=["logging.wandb=false", "train.eval_every=1"], study_name="hp", root=root,
+                progress=False)
     counts = run_sweep(REPO / "sweeps" / "hparams.yaml", trials=3, **args)
     assert counts["done"] == 3
     study = optuna.load_study(study_name="hp", storage=open_storage(None, root, "hp"))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and len({t.params["train.lr"] for t in complete}) == 3
     assert complete[0].distributions["train.lr"].log and not complete[0].distributions["loss.weight_l1"].log
+    assert all(list(t.intermediate_values) == [1] for t in complete)  # step 1 of 2 (step 2 is the final value)
     for trial in complete:
         for key in ("train.lr", "train.weight_decay", "loss.weight_class", "loss.weight_l1", "loss.weight_giou",
                     "loss.weight_mask"):
