@@ -108,3 +108,12 @@ def test_machines_on_one_postgres_study_queue_once_and_all_see_every_result(
     trained = [d.name for root in roots for d in cell_dirs(root, "shared")]
     assert sorted(trained) == sorted({t.user_attrs["cell_id"] for t in study.trials})  # each cell trained once
     assert not any("Heartbeat of storage" in out or "Traceback" in out for out in outputs), "\n".join(outputs)
+    # a machine that ran nothing gets every row from the storage alone
+    third = tmp_path / "laptop"
+    cli = subprocess.run([sys.executable, "-m", "istr", "sweep", "results", "shared", "--storage", postgres_url,
+                          "--root", str(third)], cwd=REPO, capture_output=True, text=True)
+    assert cli.returncode == 0 and f"({cells} completed cells)" in cli.stdout, cli.stdout + cli.stderr
+    assert read_rows(third, "shared") == read_rows(roots[0], "shared")
+    missing = subprocess.run([sys.executable, "-m", "istr", "sweep", "status", "nope", "--storage", postgres_url],
+                             cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no study 'nope'" in missing.stderr

@@ -137,3 +137,17 @@ def test_cost_sums_every_attempt(tmp_path):
     totals = second.totals()
     assert totals["attempts"] == 2 and totals["images"] == (5 + 2) * 4
     assert totals["train_seconds"] >= json.loads(path.read_text())["train_seconds"] > 0
+
+
+def test_exit_status_says_what_still_runs_elsewhere(capsys):
+    from istr.sweep.cli import exit_if_unfinished
+
+    counts = {"total": 3, "done": 1, "running": 1, "stale": 0, "failed": 1, "pending": 0,
+              "running_cells": ["trial 2 cell abc (l2, s0) on hostB pid 7"]}
+    with pytest.raises(SystemExit) as err:
+        exit_if_unfinished(counts)
+    assert err.value.code == 3 and "trial 2 cell abc (l2, s0) on hostB pid 7" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        exit_if_unfinished({**counts, "running": 0, "running_cells": []})
+    assert err.value.code == 1 and "1/3 cells done (1 failed" in capsys.readouterr().err
+    exit_if_unfinished({**counts, "done": 3, "running": 0, "failed": 0})  # all done: returns

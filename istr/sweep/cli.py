@@ -6,7 +6,8 @@ Wire into ``istr/cli.py``'s ``build_parser`` with::
     add_parsers(sub)
 
 ``istr sweep status STUDY`` also works (SPEC == "status" is dispatched to the status handler),
-as does the separate ``istr sweep-status STUDY``.
+as does the separate ``istr sweep-status STUDY``; ``istr sweep results STUDY`` rewrites the study's
+``results.csv`` from the storage.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def sweep_command(args: argparse.Namespace) -> None:
     """``istr sweep SPEC ...`` (or ``istr sweep status STUDY``)."""
     from istr.sweep.runner import run_sweep
 
-    if args.spec == "status":
+    if args.spec in ("status", "results"):
         if not args.study:
-            raise FileNotFoundError("usage: istr sweep status STUDY [--storage URL]")
-        return status_command(argparse.Namespace(study=args.study, storage=args.storage, root=args.root))
+            raise FileNotFoundError(f"usage: istr sweep {args.spec} STUDY [--storage URL] [--root DIR]")
+        command = status_command if args.spec == "status" else results_command
+        return command(argparse.Namespace(study=args.study, storage=args.storage, root=args.root))
     if args.study:
         from istr.sweep.spec import SpecError
 
@@ -73,6 +75,15 @@ def status_command(args: argparse.Namespace) -> None:
     from istr.sweep.records import sweep_status
 
     _print_status(sweep_status(args.study, args.storage, Path(args.root)))
+
+
+def results_command(args: argparse.Namespace) -> None:
+    """``istr sweep results STUDY [--storage URL]``: results.csv of every completed cell, from the storage."""
+    from istr.sweep.records import sweep_results
+
+    path = sweep_results(args.study, args.storage, Path(args.root))
+    rows = len(path.read_text().splitlines()) - 1
+    print(f"{path} ({rows} completed cell{'s' if rows != 1 else ''})")
 
 
 def codec_upper_bounds(preset: Path, sets: list[str], root: Path, studies: list[str], out: Path) -> Path | None:
@@ -129,7 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``sweep``, ``sweep-status`` and ``ablate`` on the ``istr`` subparsers."""
     p = sub.add_parser("sweep", help="run/resume a sweep spec (sweeps/*.yaml) with Optuna; "
                        "'istr sweep status STUDY' shows its progress")
-    p.add_argument("spec", help="sweeps/<axis>.yaml, an axis name, or 'status'")
+    p.add_argument("spec", help="sweeps/<axis>.yaml, an axis name, 'status' or 'results' (then a study name)")
     p.add_argument("study", nargs="?", default=None, help=argparse.SUPPRESS)
     _common(p)
     p.add_argument("--name", default=None, help="study name (default <axis>-<preset>)")

@@ -187,12 +187,24 @@ def progress_line(study: optuna.Study, event: str, trial_id: int) -> str:
             f"{counts['running']} running, ETA {eta}")
 
 
-def sweep_status(study: str, storage: str | None = None, root: Path = Path("runs/sweeps")) -> dict[str, Any]:
-    """Counts of a study's cells: done / running / failed / remaining (= total - done) / pending."""
-    root = Path(root)
+def load_existing(study: str, storage: str | None, root: Path) -> optuna.Study:
+    """An existing study (never creates one): FileNotFoundError naming the storage when absent."""
     if not storage and not (study_dir(root, study) / "journal.log").is_file():
         raise FileNotFoundError(f"no sweep '{study}' under {root} (no {study_dir(root, study) / 'journal.log'})")
-    st = optuna.load_study(study_name=study, storage=open_storage(storage, root, study))
-    counts = status_counts(st, root)
+    opened = open_storage(storage, root, study)
+    if study not in {s.study_name for s in opened.get_all_studies()}:
+        raise FileNotFoundError(f"no study '{study}' in {storage or study_dir(root, study) / 'journal.log'}")
+    return optuna.load_study(study_name=study, storage=opened)
+
+
+def sweep_status(study: str, storage: str | None = None, root: Path = Path("runs/sweeps")) -> dict[str, Any]:
+    """Counts of a study's cells: done / running / stale / failed / remaining (= total - done) / pending."""
+    root = Path(root)
+    counts = status_counts(load_existing(study, storage, root), root)
     counts["results"] = (study_dir(root, study) / "results.csv").as_posix()
     return counts
+
+
+def sweep_results(study: str, storage: str | None = None, root: Path = Path("runs/sweeps")) -> Path:
+    """``<root>/<study>/results.csv`` rebuilt from the storage: every completed cell, wherever it ran."""
+    return write_results(load_existing(study, storage, Path(root)), Path(root))
