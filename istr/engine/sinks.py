@@ -4,7 +4,7 @@ W&B is imported lazily here, at the edge; a W&B failure is reported and never fa
 training continues the same W&B run (same id, ``resume="allow"``) and first replays the history it
 already wrote to ``metrics.jsonl``, so the run's history is whole even if the killed attempt's W&B
 files were lost; the killed attempt's offline folder moves to ``wandb-attempts/`` so ``wandb sync``
-uploads one run.
+uploads one run. The ``.wandb`` file is flushed every :data:`WANDB_FLUSH_S` seconds (W&B's default: 15).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from istr.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+WANDB_FLUSH_S = 5.0  # seconds between writes of the run's .wandb file: a kill loses at most this much history
 
 
 class Sink:
@@ -165,7 +166,8 @@ class WandbSink(Sink):
                 resume="allow",
                 config={**config, **flat_config(config)},
                 dir=str(run_dir),
-                settings=wandb.Settings(silent=True, console="off", init_timeout=60),
+                settings=wandb.Settings(silent=True, console="off", init_timeout=60,
+                                        x_transaction_log_flush_interval=WANDB_FLUSH_S),
             )
             id_file.write_text(run_id)
             for step, metrics in replay_history(run_dir / "metrics.jsonl", self.run.step, start_step):
