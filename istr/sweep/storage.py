@@ -7,8 +7,8 @@
   trial whose lease expired or whose worker pid is gone on this host, and the runner re-queues
   its cell.
 - ``postgresql://...`` (any SQLAlchemy URL): Optuna ``RDBStorage`` with heartbeats; the worker
-  records a heartbeat with every lease renewal and ``optuna.storages.fail_stale_trials`` fails
-  trials whose heartbeat stopped (this works across machines; lease files are local only).
+  records a heartbeat with every lease renewal and a trial whose heartbeat stopped is stale
+  (this works across machines; lease files are local only).
 
 :func:`storage_lock` serialises the read-modify-write steps (schema and study creation, reaping,
 enqueueing the grid) of every process sharing a storage: a PostgreSQL advisory lock, held by the
@@ -110,7 +110,7 @@ def storage_lock(url: str | None, root: Path, study: str, name: str = "queue"):
 
 @contextmanager
 def file_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` (serialises enqueueing and results.csv writers on one host)."""
+    """An exclusive ``flock`` on ``path`` (results.csv writers, and :func:`storage_lock` off PostgreSQL)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
