@@ -5,7 +5,7 @@ Every trial is a tiny 2-step training in a subprocess (a few seconds each on a C
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 import signal
 import subprocess
@@ -17,37 +17,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from istr.config import load_config, to_yaml
+from istr.config import load_config
 from istr.sweep import load_spec, run_sweep, sweep_status
 from istr.sweep.cli import add_parsers
 from istr.sweep.spec import cell_identity
 from istr.sweep.storage import open_storage
+from tests.sweep_helpers import REPO, cell_dirs, metrics_lines, read_rows, wandb_run, write_setup
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_setup(tmp_path: Path, cfg_factory, values: list[str], *extra: str) -> tuple[Path, Path]:
-    """A base preset (the tiny test config) and a loss-axis grid spec over ``values``."""
-    preset = tmp_path / "base.yaml"
-    preset.write_text(to_yaml(cfg_factory("train.max_steps=2", "train.num_threads=1", *extra)))
-    spec = tmp_path / "loss.yaml"
-    arms = ", ".join(f'"{v}"' for v in values)
-    spec.write_text((REPO / "sweeps" / "loss.yaml").read_text().replace('["l2+dice", l2, dice]', f"[{arms}]"))
-    return preset, spec
-
-
-def read_rows(root: Path, study: str) -> list[dict]:
-    with open(root / study / "results.csv") as handle:
-        return list(csv.DictReader(handle))
-
-
-def metrics_lines(run_dirs: list[Path]) -> dict[str, int]:
-    return {d.name: len((d / "metrics.jsonl").read_text().splitlines()) for d in run_dirs}
-
-
-def cell_dirs(root: Path, study: str) -> list[Path]:
-    return sorted(p for p in (root / study).iterdir() if p.is_dir() and (p / "config.yaml").exists())
 
 
 def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
@@ -155,17 +132,20 @@ def test_two_workers_share_a_journal_and_run_each_cell_once(tmp_path, tiny_cfg_f
 
 
 def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tiny_cfg_factory):
-    """sweeps/hparams.yaml end to end: TPE trials in the spec's log/uniform bounds, budget = --trials."""
+    """sweeps/hparams.yaml end to end: TPE trials in the spec's log/uniform bounds, budget = --trials, and each
+    train.eval_every evaluation reported to Optuna (the dashboard's intermediate values)."""
     preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
     root = tmp_path / "runs"
     spec = load_spec(REPO / "sweeps" / "hparams.yaml")
-    args = dict(preset=str(preset), sets=["logging.wandb=false"], study_name="hp", root=root, progress=False)
+    args = dict(preset=str(preset), sets=["logging.wandb=false", "train.eval_every=1"], study_name="hp", root=root,
+                progress=False)
     counts = run_sweep(REPO / "sweeps" / "hparams.yaml", trials=3, **args)
     assert counts["done"] == 3
     study = optuna.load_study(study_name="hp", storage=open_storage(None, root, "hp"))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and len({t.params["train.lr"] for t in complete}) == 3
     assert complete[0].distributions["train.lr"].log and not complete[0].distributions["loss.weight_l1"].log
+    assert all(list(t.intermediate_values) == [1] for t in complete)  # step 1 of 2 (step 2 is the final value)
     for trial in complete:
         for key in ("train.lr", "train.weight_decay", "loss.weight_class", "loss.weight_l1", "loss.weight_giou",
                     "loss.weight_mask"):
@@ -180,13 +160,16 @@ def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tin
     assert metrics_lines(cell_dirs(root, "hp")) == before  # the budget is spent: nothing trains again
 
 
-def test_killed_worker_leaves_cell_rerunnable(tmp_path, tiny_cfg_factory):
-    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"], "train.checkpoint_every=1")
+def test_killed_worker_leaves_cell_rerunnable_as_one_wandb_run(tmp_path, tiny_cfg_factory, monkeypatch):
+    """SIGKILL mid-training, then the same command: the cell resumes into the same W&B run (one offline run
+    whose history covers every step), and its cost sums both attempts."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"], "train.checkpoint_every=1", "logging.wandb=true")
     root = tmp_path / "runs"
     code = (
         "from pathlib import Path; from istr.sweep import run_sweep; "
-        f"run_sweep({str(spec)!r}, preset={str(preset)!r}, seeds=1, sets=['logging.wandb=false', "
-        f"'train.max_steps=30'], study_name='kill', root=Path({str(root)!r}), progress=False)"
+        f"run_sweep({str(spec)!r}, preset={str(preset)!r}, seeds=1, sets=['train.max_steps=30'], "
+        f"study_name='kill', root=Path({str(root)!r}), progress=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, cwd=REPO)
     deadline = time.time() + 240
@@ -200,17 +183,25 @@ def test_killed_worker_leaves_cell_rerunnable(tmp_path, tiny_cfg_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     status = sweep_status("kill", None, root)
-    assert status["running"] == 1 and status["done"] == 0
+    assert (status["running"], status["stale"], status["done"]) == (0, 1, 0)  # its worker pid is gone
 
-    counts = run_sweep(spec, preset=str(preset), seeds=1, sets=["logging.wandb=false", "train.max_steps=30"],
-                       study_name="kill", root=root, progress=False)
+    counts = run_sweep(spec, preset=str(preset), seeds=1, sets=["train.max_steps=30"], study_name="kill", root=root,
+                       progress=False)
     assert counts["done"] == 1 and counts["running"] == 0
-    rows = read_rows(root, "kill")
-    assert len(rows) == 1 and rows[0]["steps"] == "30"
+    (row,) = read_rows(root, "kill")
+    assert row["steps"] == "30" and row["attempts"] == "2"
     # the killed attempt left checkpoints/last.pt, so the re-run had to continue it with --resume
     # (a fresh `istr train` into that dir refuses to start)
     states = [t.state for t in optuna.load_study(study_name="kill", storage=open_storage(None, root, "kill")).trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 1
+    run_dir = Path(row["run_dir"])
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["attempts"] == 2 and summary["train_seconds"] > summary["attempt_seconds"]
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")  # the killed attempt's is set aside
+    assert list((run_dir / "wandb-attempts").glob("offline-run-*"))
+    info, history = wandb_run(offline)
+    assert info["run_id"] == row["wandb_run_id"]
+    assert sorted(h["_step"] for h in history if "loss" in h) == list(range(1, 31))
 
 
 def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
@@ -227,62 +218,7 @@ def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
         args.func(args)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL server (initdb + pg_ctl on a free loopback port), stopped at teardown."""
-    import shutil
-    import tempfile
-
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH; install the 'postgresql' package")
-    base = Path(tempfile.mkdtemp(prefix="istr-pg-"))  # not under pytest's 0700 tmp: the server user reads it
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
-        shutil.chown(base, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    opts = f"-k {base} -p {port} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def test_two_workers_on_postgres_run_each_cell_once(tmp_path, tiny_cfg_factory, postgres_url):
-    preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
-    root = tmp_path / "runs"
-    counts = run_sweep(spec, preset=str(preset), seeds=1, sets=["logging.wandb=false"], study_name="pg",
-                       workers=2, storage_url=postgres_url, root=root, progress=False)
-    assert counts["done"] == 2 and counts["failed"] == 0
-    study = optuna.load_study(study_name="pg", storage=open_storage(postgres_url, root, "pg"))
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 2 and len({t.user_attrs["cell_id"] for t in complete}) == 2
-    assert all("AP" in t.user_attrs["record"]["eval"]["segm"] for t in complete)  # rows without the dirs
-    assert set(metrics_lines(cell_dirs(root, "pg")).values()) == {2}
-    assert len(read_rows(root, "pg")) == 2
-    assert sweep_status("pg", postgres_url, root)["done"] == 2
-    assert not (root / "pg" / "journal.log").exists()
-
-
 def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_factory, monkeypatch):
-    import json
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
     root = tmp_path / "runs"
@@ -290,17 +226,15 @@ def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_fact
     (row,) = read_rows(root, "wb")
     assert row["wandb_run_id"]
     (offline,) = (Path(row["run_dir"]) / "wandb").glob("offline-run-*")
-    wandb_cli = [sys.executable, "-m", "wandb", "leet", "inspect"]
-    summary = json.loads(subprocess.run([*wandb_cli, "--summary", "--json", str(offline)], check=True,
-                                        capture_output=True, text=True).stdout)
+    summary, history = wandb_run(offline)
     assert summary["run_id"] == row["wandb_run_id"]
-    assert summary["config"]["loss"]["mask"] == "l2"
+    assert summary["config"]["loss"]["mask"] == "l2" and summary["config"]["loss.mask"] == "l2"  # nested + flat
     assert summary["config"]["logging"]["wandb_group"] == "wb"
     assert summary["config"]["logging"]["wandb_job_type"] == "loss"
     assert summary["summary"]["segm_AP"] == pytest.approx(float(row["segm_AP"]))
-    records = subprocess.run([*wandb_cli, "--json", str(offline)], check=True, capture_output=True, text=True).stdout
-    history = [json.loads(line)["history"] for line in records.splitlines() if '"type":"history"' in line]
-    assert len(history) == 2 and all("loss" in json.dumps(h) for h in history)
+    assert len(history) == 2 and all("loss" in h for h in history)
+    assert summary["name"] == "loss/l2/s0" and summary["state"] == "finished"
+    assert set(summary["tags"]) == {"axis:loss", "arm:l2", "seed:0", "study:wb", f"cell:{row['cell_id']}"}
 
 
 def test_sweep_to_paper_tables_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch):

@@ -35,7 +35,7 @@ from istr.engine import dist as D
 from istr.engine.checkpoint import load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.pretrain import resolve_backbone_weights
-from istr.engine.sinks import JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
+from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
 from istr.losses import SetCriterion, build_criterion, loss_weights, weighted_sum
 from istr.matcher import build_matcher
@@ -156,10 +156,13 @@ def prepare_codec(cfg: Config, run_dir: Path, train_set, info: D.DistInfo) -> Ma
     return load_codec(codec_path)
 
 
-def build_sinks(cfg: Config, run_dir: Path, start_step: int, info: D.DistInfo) -> tuple[Sink, WandbSink | None]:
+def build_sinks(
+    cfg: Config, run_dir: Path, start_step: int, info: D.DistInfo
+) -> tuple[Sink, WandbSink | None, CostSink | None]:
     if not info.is_main:
-        return Sink(), None
-    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+        return Sink(), None, None
+    cost = CostSink(run_dir / "cost.json", cfg.train.batch_size, start_step)  # sums every attempt of the run
+    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), cost]
     if cfg.logging.progress:
         sinks.append(ProgressSink(cfg.train.max_steps, start_step))
     wandb_sink = None
@@ -174,9 +177,10 @@ def build_sinks(cfg: Config, run_dir: Path, start_step: int, info: D.DistInfo) -
             lc.wandb_group,
             lc.wandb_job_type,
             run_dir.name,
+            start_step,
         )
         sinks.append(wandb_sink)
-    return MultiSink(sinks), wandb_sink
+    return MultiSink(sinks), wandb_sink, cost
 
 
 def evaluate_run(
@@ -291,7 +295,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         start_step,
         pin_memory=info.device.type == "cuda",
     )
-    sink, wandb_sink = build_sinks(cfg, run_dir, start_step, info)
+    sink, wandb_sink, cost = build_sinks(cfg, run_dir, start_step, info)
     step, started, window_start, window_images = start_step, time.perf_counter(), time.perf_counter(), 0
     try:
         model.train()
@@ -323,22 +327,25 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 )
                 model.train()
         train_seconds = time.perf_counter() - started
+        totals = cost.totals() if cost else {}  # every attempt: a killed one's time counts too
         checksums = D.all_gather_floats(parameter_checksum(model))
         result: dict = {}
         if info.is_main:
             result = evaluate_run(cfg, model, codec, info.device, run_dir)
             flat = {f"{t}_{k}": v for t, m in result.items() for k, v in m.items()}
-            sink.summary({**flat, "train_seconds": train_seconds, "steps": step})
+            sink.summary({**flat, "train_seconds": totals["train_seconds"], "steps": step})
             atomic_write_json(
                 run_dir / "train_summary.json",
                 {
                     "steps": step,
-                    "train_seconds": train_seconds,
+                    "train_seconds": totals["train_seconds"],
+                    "attempt_seconds": train_seconds,
+                    "attempts": totals["attempts"],
                     "device": str(info.device),
                     "world_size": info.world_size,
                     "param_checksums": checksums,
                     "wandb_run_id": wandb_sink.run_id if wandb_sink else None,
-                    "img_per_s": (step - start_step) * cfg.train.batch_size / max(train_seconds, 1e-9),
+                    "img_per_s": totals["img_per_s"],
                 },
             )
         D.barrier()

@@ -1,8 +1,10 @@
-"""Trial records: ``results.csv`` rows (DESIGN.md "Sweep results row") and ``sweep_status``.
+"""Trial records: ``results.csv`` rows (DESIGN.md "Sweep results row"), ``sweep_status``, progress lines.
 
-``results.csv`` is rebuilt from the storage + run dirs (never appended), one row per completed
-cell, and written atomically, so any number of workers may rewrite it and a reader never sees a
-half-written file. Rows are keyed by cell id: a cell completed twice is still one row.
+A completed trial carries its row's numbers as flat user attrs (``segm_AP``, ``steps``, ``wall_s``...,
+:data:`RUN_COLUMNS`), so the storage alone holds every result: ``results.csv`` is rebuilt from it
+(never appended) on every machine, one row per completed cell wherever it ran, and written
+atomically, so any number of workers may rewrite it and a reader never sees a half-written file.
+Rows are keyed by cell id: a cell completed twice is still one row.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text
-from istr.sweep.storage import file_lock, open_storage, study_dir
+from istr.sweep.storage import file_lock, open_storage, stale_trials, study_dir, utc_now
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COLUMNS = [
@@ -26,10 +30,14 @@ COLUMNS = [
     *[f"segm_{m}" for m in METRICS], *[f"bbox_{m}" for m in METRICS],
     "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
     # beyond the DESIGN.md contract (analysis reads columns by name):
-    "reused_from", "train_s", "trial",
+    "reused_from", "train_s", "trial", "attempts",
     "codec_type", "codec_dim", "codec_iou",  # the cell's mask codec and its train reconstruction IoU
 ]
-TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, finished_at
+TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, attempts, finished_at
+# the columns that come from the run dir; stored as flat user attrs of the trial that completed the cell
+RUN_COLUMNS = [*[f"segm_{m}" for m in METRICS], *[f"bbox_{m}" for m in METRICS], "steps", "wall_s",
+               "img_per_s", "device", "wandb_run_id", "finished_at", "train_s", "attempts",
+               "codec_type", "codec_dim", "codec_iou"]
 
 
 def _read_json(path: Path) -> dict:
@@ -48,15 +56,23 @@ def codec_record(run_dir: Path) -> dict[str, Any]:
     return {"type": codec.type, "dim": codec.dim, "mask_iou": _read_json(run_dir / "codec_stats.json").get("mask_iou")}
 
 
+def run_columns(run_dir: Path) -> dict[str, Any]:
+    """The :data:`RUN_COLUMNS` of a finished run dir (eval.json, train_summary.json, sweep_trial.json, codec)."""
+    ev, summary = _read_json(run_dir / "eval.json"), _read_json(run_dir / "train_summary.json")
+    record, codec = _read_json(run_dir / TRIAL_RECORD), codec_record(run_dir)
+    out = {f"{task}_{m}": ev.get(task, {}).get(m) for task in ("segm", "bbox") for m in METRICS}
+    out.update(steps=summary.get("steps"), wall_s=record.get("wall_s"), img_per_s=summary.get("img_per_s"),
+               device=summary.get("device"), wandb_run_id=summary.get("wandb_run_id"),
+               finished_at=record.get("finished_at"), train_s=summary.get("train_seconds"),
+               attempts=summary.get("attempts", record.get("attempts")), codec_type=codec.get("type"),
+               codec_dim=codec.get("dim"), codec_iou=codec.get("mask_iou"))
+    return out
+
+
 def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
-    """One results row from a COMPLETE trial's user attrs and its run dir's files."""
+    """One results row from a COMPLETE trial's user attrs (the run dir for trials stored before them)."""
     attrs = trial.user_attrs
-    run_dir = Path(attrs["run_dir"])
-    stored = attrs.get("record") or {}  # fallback when the run dir lives on another machine
-    ev = _read_json(run_dir / "eval.json") or stored.get("eval", {})
-    summary = _read_json(run_dir / "train_summary.json") or stored.get("summary", {})
-    record = _read_json(run_dir / TRIAL_RECORD) or stored.get("trial", {})
-    codec = codec_record(run_dir) or stored.get("codec", {})
+    stored = {k: attrs[k] for k in RUN_COLUMNS if k in attrs}
     row: dict[str, Any] = {
         "study": study,
         "axis": attrs.get("axis", ""),
@@ -65,24 +81,13 @@ def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
         "seed": attrs.get("seed", ""),
         "preset": attrs.get("preset", ""),
         "status": "complete",
-        "steps": summary.get("steps"),
-        "wall_s": record.get("wall_s"),
-        "img_per_s": summary.get("img_per_s"),
-        "device": summary.get("device"),
-        "run_dir": run_dir.as_posix(),
-        "wandb_run_id": summary.get("wandb_run_id"),
-        "finished_at": record.get("finished_at")
-        or (trial.datetime_complete.isoformat(timespec="seconds") if trial.datetime_complete else ""),
+        "run_dir": attrs["run_dir"],
         "reused_from": attrs.get("reused_from", ""),
-        "train_s": summary.get("train_seconds"),
         "trial": trial.number,
-        "codec_type": codec.get("type"),
-        "codec_dim": codec.get("dim"),
-        "codec_iou": codec.get("mask_iou"),
+        **(stored or run_columns(Path(attrs["run_dir"]))),
     }
-    for task in ("segm", "bbox"):
-        for m in METRICS:
-            row[f"{task}_{m}"] = ev.get(task, {}).get(m)
+    if not row.get("finished_at") and trial.datetime_complete:
+        row["finished_at"] = trial.datetime_complete.isoformat(timespec="seconds")
     return row
 
 
@@ -111,23 +116,40 @@ def write_results(study: optuna.Study, root: Path) -> Path:
     return out
 
 
-def status_counts(study: optuna.Study) -> dict[str, Any]:
-    """Cells done/running/failed/pending (failed = last attempt failed, not yet re-run)."""
+def _describe(trial: FrozenTrial) -> str:
+    a = trial.user_attrs
+    return (f"trial {trial.number} cell {a.get('cell_id', '?')} ({a.get('arm', '?')}, s{a.get('seed', '?')}) "
+            f"on {a.get('host', '?')} pid {a.get('pid', '?')}")
+
+
+def status_counts(study: optuna.Study, root: Path | None = None) -> dict[str, Any]:
+    """Cells done/running/stale/failed/pending (failed = last attempt failed, not yet re-run).
+
+    With ``root``, a RUNNING trial whose worker is dead (lease expired, pid gone, heartbeat lost) counts
+    as stale, not running; the next ``istr sweep`` of the study re-queues its cell.
+    """
     trials = study.get_trials(deepcopy=False)
+    stale = stale_trials(study, root) if root is not None else {}
     attrs = study.user_attrs
-    by_cell: dict[str, set[TrialState]] = {}
+    by_cell: dict[str, set[str]] = {}
+    live: list[FrozenTrial] = []
     for t in trials:
         cell_id = t.user_attrs.get("cell_id")
+        state = "STALE" if t.number in stale else t.state.name
+        if state == "RUNNING":
+            live.append(t)
         if cell_id:
-            by_cell.setdefault(cell_id, set()).add(t.state)
+            by_cell.setdefault(cell_id, set()).add(state)
     cells = attrs.get("cell_ids")
     total = len(cells) if cells else int(attrs.get("n_trials", 0))
     keys = cells if cells else list(by_cell)
-    done = sum(1 for c in keys if TrialState.COMPLETE in by_cell.get(c, ()))
-    running = sum(1 for c in keys if TrialState.COMPLETE not in by_cell.get(c, ())
-                  and TrialState.RUNNING in by_cell.get(c, ()))
-    failed = sum(1 for c in keys if by_cell.get(c, set()) & {TrialState.FAIL}
-                 and not by_cell[c] & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING})
+
+    def count(*states: str, without: tuple[str, ...] = ()) -> int:
+        return sum(1 for c in keys if by_cell.get(c, set()) & set(states) and not by_cell[c] & set(without))
+
+    done, running, stale_n = count("COMPLETE"), count("RUNNING", without=("COMPLETE",)), count(
+        "STALE", without=("COMPLETE", "RUNNING"))
+    failed = count("FAIL", without=("COMPLETE", "RUNNING", "WAITING", "STALE"))
     return {
         "study": study.study_name,
         "axis": attrs.get("axis", ""),
@@ -135,19 +157,54 @@ def status_counts(study: optuna.Study) -> dict[str, Any]:
         "total": total,
         "done": done,
         "running": running,
+        "stale": stale_n,
         "failed": failed,
         "remaining": max(total - done, 0),
-        "pending": max(total - done - running - failed, 0),
+        "pending": max(total - done - running - stale_n - failed, 0),
         "trials": len(trials),
+        "running_cells": [_describe(t) for t in live],
+        "stale_cells": [f"{_describe(t)}: {stale[t.number]}" for t in trials if t.number in stale],
     }
 
 
-def sweep_status(study: str, storage: str | None = None, root: Path = Path("runs/sweeps")) -> dict[str, Any]:
-    """Counts of a study's cells: done / running / failed / remaining (= total - done) / pending."""
-    root = Path(root)
+def progress_line(study: optuna.Study, event: str, trial_id: int) -> str:
+    """One log line per cell start/end (for logs off a terminal): counts and an ETA.
+
+    ETA = the cells not done x the mean wall time of this study's completed cells / the cells running now.
+    """
+    counts = status_counts(study)
+    walls = [t.user_attrs["wall_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if isinstance(t.user_attrs.get("wall_s"), (int, float))]
+    eta = "?"
+    if walls:
+        seconds = statistics.mean(walls) * counts["remaining"] / max(counts["running"], 1)
+        eta = str(timedelta(seconds=round(seconds)))
+    trial = study._storage.get_trial(trial_id)
+    what = f"{event} {_describe(trial)}"
+    if event == "end":
+        what += f": {trial.state.name.lower()}" + (f" {trial.values[0]:.4g}" if trial.values else "")
+    return (f"{utc_now()} sweep {study.study_name}: {what} | {counts['done']}/{counts['total']} done, "
+            f"{counts['running']} running, ETA {eta}")
+
+
+def load_existing(study: str, storage: str | None, root: Path) -> optuna.Study:
+    """An existing study (never creates one): FileNotFoundError naming the storage when absent."""
     if not storage and not (study_dir(root, study) / "journal.log").is_file():
         raise FileNotFoundError(f"no sweep '{study}' under {root} (no {study_dir(root, study) / 'journal.log'})")
-    st = optuna.load_study(study_name=study, storage=open_storage(storage, root, study))
-    counts = status_counts(st)
+    opened = open_storage(storage, root, study)
+    if study not in {s.study_name for s in opened.get_all_studies()}:
+        raise FileNotFoundError(f"no study '{study}' in {storage or study_dir(root, study) / 'journal.log'}")
+    return optuna.load_study(study_name=study, storage=opened)
+
+
+def sweep_status(study: str, storage: str | None = None, root: Path = Path("runs/sweeps")) -> dict[str, Any]:
+    """Counts of a study's cells: done / running / stale / failed / remaining (= total - done) / pending."""
+    root = Path(root)
+    counts = status_counts(load_existing(study, storage, root), root)
     counts["results"] = (study_dir(root, study) / "results.csv").as_posix()
     return counts
+
+
+def sweep_results(study: str, storage: str | None = None, root: Path = Path("runs/sweeps")) -> Path:
+    """``<root>/<study>/results.csv`` rebuilt from the storage: every completed cell, wherever it ran."""
+    return write_results(load_existing(study, storage, Path(root)), Path(root))

@@ -8,7 +8,9 @@ Nothing project-specific is stored in extra keys; it is derived instead:
 - **base preset** = the ``--config FILE`` argument of ``command`` (``istr sweep --preset`` replaces it);
 - **seeds** = the ``seed`` parameter (``--seeds N`` replaces it with ``0..N-1``);
 - **arm** = the non-seed parameter values of a cell (the default arm is whatever the preset holds);
-- **trial budget** of ``random``/``bayes`` = W&B's own ``run_cap`` key (default 20).
+- **trial budget** of ``random``/``bayes`` = W&B's own ``run_cap`` key (default 20);
+- **pruner** of ``random``/``bayes`` = W&B's own ``early_terminate: {type: hyperband, min_iter, eta}``
+  (Optuna's HyperbandPruner on the ``train.eval_every`` evaluations; ``min_iter`` counts training steps).
 
 A **cell** is one (arm x seed) point of a grid; its identity is the hash of its resolved config
 (:func:`cell_identity`), so the same training in two studies is the same cell.
@@ -59,6 +61,7 @@ class SweepSpec:
     parameters: dict[str, dict[str, Any]]
     preset: str
     run_cap: int = 20
+    early_terminate: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -183,7 +186,13 @@ def _check_parameter(path: Path, key: str, p: Any, method: str) -> None:
 def load_spec(path: str | Path) -> SweepSpec:
     """Parse + validate a W&B sweep YAML; errors name the file and the fix."""
     path = resolve_spec_path(path)
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep spec is a mapping with method/metric/parameters/command")
     for key in ("method", "metric", "parameters", "command"):
@@ -203,7 +212,25 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(f"{path}: parameters must be a non-empty mapping")
     for key, p in params.items():
         _check_parameter(path, key, p, method)
+    if not isinstance(raw["command"], list):
+        raise SpecError(f"{path}: command must be a list (${{env}}, ${{interpreter}}, -m, istr, train, ...)")
     command = [str(c) for c in raw["command"]]
+    run_cap = raw.get("run_cap", 20)
+    if not isinstance(run_cap, int) or run_cap < 1:
+        raise SpecError(f"{path}: run_cap must be a positive integer, got {run_cap!r}")
     return SweepSpec(path=path, axis=path.stem, method=method, metric=metric["name"], goal=goal,
-                     parameters=params, preset=_preset_from_command(path, command),
-                     run_cap=int(raw.get("run_cap", 20)), raw=raw)
+                     parameters=params, preset=_preset_from_command(path, command), run_cap=run_cap,
+                     early_terminate=_check_early_terminate(path, raw.get("early_terminate"), method), raw=raw)
+
+
+def _check_early_terminate(path: Path, early: Any, method: str) -> dict[str, Any] | None:
+    if early is None:
+        return None
+    if method == "grid":
+        raise SpecError(f"{path}: early_terminate would prune grid cells; use it with method random or bayes")
+    if not isinstance(early, dict) or early.get("type") != "hyperband":
+        raise SpecError(f"{path}: early_terminate must be {{type: hyperband, min_iter: STEPS, eta: 3}}")
+    for key in ("min_iter", "max_iter", "eta"):
+        if key in early and not (isinstance(early[key], int) and early[key] > 0):
+            raise SpecError(f"{path}: early_terminate.{key} must be a positive integer, got {early[key]!r}")
+    return dict(early)

@@ -7,13 +7,18 @@
   trial whose lease expired or whose worker pid is gone on this host, and the runner re-queues
   its cell.
 - ``postgresql://...`` (any SQLAlchemy URL): Optuna ``RDBStorage`` with heartbeats; the worker
-  records a heartbeat with every lease renewal and ``optuna.storages.fail_stale_trials`` fails
-  trials whose heartbeat stopped (this works across machines; lease files are local only).
+  records a heartbeat with every lease renewal and a trial whose heartbeat stopped is stale
+  (this works across machines; lease files are local only).
+
+:func:`storage_lock` serialises the read-modify-write steps (schema and study creation, reaping,
+enqueueing the grid) of every process sharing a storage: a PostgreSQL advisory lock, held by the
+database, so machines that share nothing but the URL agree; a ``flock`` beside a journal file.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -25,8 +30,11 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 LEASE_TTL_S = 60.0
 HEARTBEAT_INTERVAL_S = 10
@@ -42,38 +50,67 @@ def is_rdb(url: str | None) -> bool:
     return bool(url) and "://" in str(url)
 
 
-def rdb_url(url: str) -> str:
-    """``postgresql://`` -> ``postgresql+psycopg2://`` unless psycopg 3 is installed.
-
-    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; this project ships psycopg2-binary.
-    """
-    if url.startswith("postgresql://"):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
+def journal_path(url: str | None, root: Path, study: str) -> Path:
+    return Path(url) if url else study_dir(root, study) / "journal.log"
 
 
 def open_storage(url: str | None, root: Path, study: str) -> BaseStorage:
     """``None`` -> journal file under the study dir; a file path -> that journal; a URL -> RDB."""
     if is_rdb(url):
-        with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2.9
+        with storage_lock(url, root, study, "schema"), warnings.catch_warnings():
+            # heartbeat_interval is "experimental" since Optuna 2.9; the lock: the first RDBStorage
+            # creates Optuna's tables, and two machines doing it at once collide on CREATE TYPE
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
-                rdb_url(str(url)),
+                str(url),
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
                 grace_period=HEARTBEAT_GRACE_S,
                 engine_kwargs={"pool_pre_ping": True},
             )
-    path = Path(url) if url else study_dir(root, study) / "journal.log"
+    path = journal_path(url, root, study)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key for ``name`` (the same on every machine)."""
+    return int.from_bytes(hashlib.sha256(f"istr-sweep:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def storage_lock(url: str | None, root: Path, study: str, name: str = "queue"):
+    """An exclusive lock that every process sharing the storage ``url`` agrees on.
+
+    ``name="schema"`` is one lock per database (creating Optuna's tables), any other name is per study.
+    PostgreSQL: a session advisory lock, released by the server if its holder dies. A journal or an
+    SQLite file: a ``flock`` beside it. Other SQLAlchemy URLs: a ``flock`` in the study dir (one machine).
+    """
+    if is_rdb(url) and str(url).startswith("postgresql"):
+        key = _lock_key(name if name == "schema" else f"{study}:{name}")
+        engine = create_engine(str(url), poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        finally:
+            engine.dispose()
+        return
+    if not is_rdb(url):
+        path = journal_path(url, root, study)
+    elif str(url).startswith("sqlite:///"):
+        path = Path(str(url)[len("sqlite:///"):])
+    else:
+        path = study_dir(root, study) / "storage"
+    with file_lock(path.with_name(f".{path.name}.{name}.lock")):
+        yield
+
+
 @contextmanager
 def file_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` (serialises enqueueing and results.csv writers on one host)."""
+    """An exclusive ``flock`` on ``path`` (results.csv writers, and :func:`storage_lock` off PostgreSQL)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -133,26 +170,34 @@ def _stale_reason(trial: FrozenTrial, root: Path, study: str, ttl: float, now: f
     return None
 
 
-def reap_stale_trials(study: optuna.Study, storage: BaseStorage, root: Path, ttl: float = LEASE_TTL_S) -> list[int]:
-    """Fail RUNNING trials whose worker is dead (lease expired, pid gone, or heartbeat lost)."""
-    failed: list[int] = []
-    if isinstance(storage, RDBStorage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        failed.extend(sorted(before - after))
-    now = time.time()
+def stale_trials(study: optuna.Study, root: Path, ttl: float = LEASE_TTL_S) -> dict[int, str]:
+    """RUNNING trials whose worker is dead -> why (lease expired, pid gone, heartbeat lost); reads only."""
+    storage = study._storage
+    lost = set(storage._get_stale_trial_ids(study._study_id)) if is_heartbeat_enabled(storage) else set()
+    now, stale = time.time(), {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = _stale_reason(trial, root, study.study_name, ttl, now)
-        if reason is None:
+        if trial._trial_id in lost:
+            stale[trial.number] = f"no heartbeat for over {HEARTBEAT_GRACE_S}s"
+        elif (reason := _stale_reason(trial, root, study.study_name, ttl, now)) is not None:
+            stale[trial.number] = reason
+    return stale
+
+
+def reap_stale_trials(study: optuna.Study, root: Path, ttl: float = LEASE_TTL_S) -> list[FrozenTrial]:
+    """Fail the :func:`stale_trials` (each gets a ``fail_reason``); the trials failed here."""
+    stale = stale_trials(study, root, ttl)
+    failed: list[FrozenTrial] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.number not in stale:
             continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"stale: {reason}")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"stale: {stale[trial.number]}")
+            if not study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
         except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # finished meanwhile
         lease_path(root, study.study_name, trial.number).unlink(missing_ok=True)
-        failed.append(trial.number)
+        failed.append(trial)
     return failed
 
 

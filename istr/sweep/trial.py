@@ -3,12 +3,19 @@
 The training runs as ``python -m istr train --config PRESET k=v ... --out <root>/<study>/<cell-id>``
 in its own process (a crash or OOM kills only that trial), resumed with ``--resume`` when a
 killed earlier attempt left ``checkpoints/last.pt``. While it runs, the worker renews the trial's
-lease file (and the RDB heartbeat) every ``lease_ttl / 6`` seconds.
+lease file (and the RDB heartbeat) every ``lease_ttl / 6`` seconds, adds the attempt's wall time to
+``sweep_trial.json`` (so a killed attempt's cost is counted when the cell is resumed), and reports
+each ``train.eval_every`` evaluation the child appends to ``metrics.jsonl`` to Optuna
+(``trial.report``), stopping the child when the study's pruner says so.
+
+The child's W&B run is named ``<axis>/<arm>/s<seed>`` and tagged with the axis, arm, seed, study and
+cell id (``WANDB_NAME``/``WANDB_TAGS``, W&B's own variables, which the cell identity ignores).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +31,7 @@ from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
 from istr.io import atomic_write_json
-from istr.sweep.records import TRIAL_RECORD, _read_json, codec_record
+from istr.sweep.records import TRIAL_RECORD, _read_json, progress_line, run_columns
 from istr.sweep.spec import arm_name, cell_identity, param_overrides
 from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lease
 
@@ -50,6 +57,8 @@ class SweepPlan:
     lease_ttl: float = LEASE_TTL_S
     n_trials: int = 0
     threads_per_trial: int = 0  # 0 = torch's default
+    early_terminate: dict[str, Any] | None = None  # the spec's W&B early_terminate (-> Optuna pruner)
+    log_lines: bool = False  # print one line per cell start/end (off a terminal)
 
     def base_overrides(self) -> list[str]:
         """W&B logging for every trial (``--set logging.wandb=false`` turns it off), the CPU threads of
@@ -113,8 +122,44 @@ def _renew(study: optuna.Study, trial: optuna.Trial, lease: Path, cell_id: str, 
         inner.record_heartbeat(trial._trial_id)
 
 
+class EvalReporter:
+    """Reports the ``eval/<metric>`` lines the child appends to ``metrics.jsonl`` as intermediate values."""
+
+    def __init__(self, trial: optuna.Trial, path: Path, metric: str) -> None:
+        self.trial, self.path, self.key, self.offset = trial, path, f"eval/{metric}", 0
+        self.reported: set[int] = set()
+
+    def poll(self) -> bool:
+        """Report the new evaluations; True when the pruner says to stop this trial."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except OSError:
+            return False
+        lines = chunk.split(b"\n")
+        self.offset += len(chunk) - len(lines[-1])  # keep a half-written last line for the next poll
+        for line in lines[:-1]:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            step = record.get("step")
+            if self.key in record and isinstance(step, int) and step not in self.reported:
+                self.reported.add(step)
+                self.trial.report(float(record[self.key]), step)
+        return bool(self.reported) and self.trial.should_prune()
+
+
+def wandb_env(plan: SweepPlan, cell_id: str, arm: str, seed: int) -> dict[str, str]:
+    """The child's environment: its W&B run name and tags (W&B allows 64 characters a tag)."""
+    tags = [f"axis:{plan.axis}", f"arm:{arm}", f"seed:{seed}", f"study:{plan.study}", f"cell:{cell_id}"]
+    return {**os.environ, "WANDB_NAME": f"{plan.axis}/{arm}/s{seed}",
+            "WANDB_TAGS": ",".join(t.replace(",", ";")[:64] for t in tags)}
+
+
 def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_id: str,
-               overrides: list[str], run_dir: Path) -> tuple[TrialState, str]:
+               overrides: list[str], run_dir: Path, env: dict[str, str]) -> tuple[TrialState, str]:
     """Run ``istr train`` for the cell in a subprocess, renewing the lease; (state, reason)."""
     root = Path(plan.root)
     lease = lease_path(root, plan.study, trial.number)
@@ -123,10 +168,14 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
     cmd = [sys.executable, "-m", "istr", "train", "--config", plan.preset, *overrides, "--out", str(run_dir)]
     if (run_dir / "checkpoints" / "last.pt").is_file():
         cmd.append("--resume")
+    earlier = _read_json(run_dir / TRIAL_RECORD)  # attempts killed before they finished
+    record = {"study": plan.study, "trial": trial.number, "host": HOST,
+              "attempts": int(earlier.get("attempts", 0)) + 1, "wall_s": float(earlier.get("wall_s", 0.0))}
+    reporter = EvalReporter(trial, run_dir / "metrics.jsonl", plan.metric)
     started = time.perf_counter()
     interval = max(plan.lease_ttl / 6.0, 0.5)
     with open(run_dir / "train.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup, env=env)
         try:
             while True:
                 try:
@@ -134,21 +183,29 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
                     break
                 except subprocess.TimeoutExpired:
                     _renew(study, trial, lease, cell_id, plan.lease_ttl)
+                    atomic_write_json(run_dir / TRIAL_RECORD,
+                                      {**record, "wall_s": record["wall_s"] + time.perf_counter() - started})
+                    stop = None
                     if plan.trial_timeout and time.perf_counter() - started > plan.trial_timeout:
+                        stop = TrialState.FAIL, f"timeout after {plan.trial_timeout:.0f}s"
+                    elif reporter.poll():
+                        stop = TrialState.PRUNED, f"pruned at step {max(reporter.reported)}"
+                    if stop:
                         proc.kill()
                         proc.wait()
-                        return TrialState.FAIL, f"timeout after {plan.trial_timeout:.0f}s"
+                        return stop
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         finally:
             lease.unlink(missing_ok=True)
-    wall = time.perf_counter() - started
+            record["wall_s"] += time.perf_counter() - started
+            atomic_write_json(run_dir / TRIAL_RECORD, record)
+    reporter.poll()
     if rc != 0 or not (run_dir / "eval.json").is_file():
         return TrialState.FAIL, f"istr train exited {rc}; see {run_dir / 'train.log'}"
-    atomic_write_json(run_dir / TRIAL_RECORD, {"wall_s": wall, "finished_at": utc_now(), "study": plan.study,
-                                               "trial": trial.number})
+    atomic_write_json(run_dir / TRIAL_RECORD, {**record, "finished_at": utc_now()})
     return TrialState.COMPLETE, ""
 
 
@@ -177,9 +234,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
         trial.set_user_attr("fail_reason", "cell already running in an earlier trial")
         return TrialState.PRUNED, None
     root = Path(plan.root)
+    if plan.log_lines:
+        print(progress_line(study, "start", trial._trial_id), flush=True)
     done = find_done(root, plan.study, cell_id)
     if done is None:
-        state, reason = train_cell(study, trial, plan, cell_id, overrides, root / plan.study / cell_id)
+        env = wandb_env(plan, cell_id, trial.user_attrs["arm"], int(cfg.seed))
+        state, reason = train_cell(study, trial, plan, cell_id, overrides, root / plan.study / cell_id, env)
         if state != TrialState.COMPLETE:
             trial.set_user_attr("fail_reason", reason)
             return state, None
@@ -187,11 +247,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
     elif done.parent.name != plan.study:
         trial.set_user_attr("reused_from", done.as_posix())
     trial.set_user_attr("run_dir", done.as_posix())
-    trial.set_user_attr("record", run_record(done))  # results rows on machines that cannot see the dir
+    for key, value in run_columns(done).items():  # flat: the dashboard's table and results.csv on any machine
+        if value is not None:
+            trial.set_user_attr(key, value)
     return TrialState.COMPLETE, metric_value(done, plan.metric)
-
-
-def run_record(run_dir: Path) -> dict[str, Any]:
-    """The run dir's eval.json + train_summary.json + sweep_trial.json + codec, copied into the storage."""
-    return {"eval": _read_json(run_dir / "eval.json"), "summary": _read_json(run_dir / "train_summary.json"),
-            "trial": _read_json(run_dir / TRIAL_RECORD), "codec": codec_record(run_dir)}
