@@ -26,6 +26,8 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from istr.config import ConfigError, load_config
+from istr.data.build import ensure_dataset
+from istr.engine.pretrain import resolve_backbone_weights
 from istr.sweep.records import progress_line, status_counts, write_results
 from istr.sweep.spec import Cell, SpecError, cell_identity, load_spec, param_overrides, resolve_preset
 from istr.sweep.storage import LEASE_TTL_S, open_storage, reap_stale_trials, storage_lock, study_dir
@@ -200,6 +202,13 @@ def plan_cells(spec, plan: SweepPlan) -> dict[str, Cell] | None:
     return None
 
 
+def prepare_shared(plan: SweepPlan) -> None:
+    """The base config's generated dataset and ``auto`` backbone, made once here: parallel trials would race."""
+    cfg = load_config(plan.preset, plan.base_overrides())
+    ensure_dataset(cfg.data)
+    resolve_backbone_weights(cfg)
+
+
 def _run_workers(plan: SweepPlan, workers: int, study: optuna.Study, bar: tqdm) -> bool:
     """``workers`` workers on this machine until they run out of trials; True if one gave up."""
     if workers <= 1:
@@ -235,6 +244,7 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
                             trials, workers, log_lines)
     cells = plan_cells(spec, plan)
     study = prepare_study(plan, cells)
+    prepare_shared(plan)
     counts = status_counts(study, Path(plan.root))
     bar = tqdm(total=counts["total"], initial=counts["done"], desc=f"sweep {plan.study}", unit="cell",
                disable=not progress if progress is not None else log_lines)
