@@ -158,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     from istr.config import ConfigError
     from istr.data.coco import DatasetError
     from istr.engine.train import NonFiniteLossError
+    from istr.registry import UnknownArmError
 
     try:
         args.func(args)
-    except (ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, UnknownArmError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
         print(f"istr {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

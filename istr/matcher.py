@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import generalized_box_iou
 
+from istr.registry import pick
 from istr.targets import BatchTargets
 
 Pred = dict[str, Tensor]
@@ -88,9 +89,7 @@ class HungarianMatcher:
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
-        if mask_cost not in MASK_COSTS:
-            raise ValueError(f"unknown mask cost {mask_cost!r}; valid: {', '.join(MASK_COSTS)}")
-        self.codec, self.mask_cost = codec, MASK_COSTS[mask_cost]
+        self.codec, self.mask_cost = codec, pick(MASK_COSTS, mask_cost, "matcher.mask_cost")
         self.cost_class, self.cost_l1, self.cost_giou, self.cost_mask = cost_class, cost_l1, cost_giou, cost_mask
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 

@@ -13,6 +13,7 @@ from istr.codecs.base import MaskCodec, load_codec, mask_iou
 from istr.codecs.dct import DCTCodec
 from istr.codecs.pca import PCACodec
 from istr.codecs.sparse import SparseCodec
+from istr.registry import pick
 
 CODECS: dict[str, type[MaskCodec]] = {
     "pca": PCACodec,
@@ -23,12 +24,8 @@ CODECS: dict[str, type[MaskCodec]] = {
 
 
 def build_codec(type: str, dim: int, **params: Any) -> MaskCodec:
-    """Build an unfitted codec ``CODECS[type](dim=dim, **params)``; unknown ``type`` -> ValueError."""
-    try:
-        cls = CODECS[type]
-    except KeyError:
-        raise ValueError(f"unknown codec type {type!r}; valid: {', '.join(sorted(CODECS))}") from None
-    return cls(dim=dim, **params)
+    """Build an unfitted codec ``CODECS[type](dim=dim, **params)``; unknown ``type`` -> UnknownArmError."""
+    return pick(CODECS, type, "codec.type")(dim=dim, **params)
 
 
 __all__ = [

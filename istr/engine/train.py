@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from istr.codecs import MaskCodec, load_codec
+from istr.codecs import CODECS, MaskCodec, load_codec
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config, config_hash, to_dict, to_yaml
 from istr.data.build import build_dataset, build_eval_loader, build_train_loader, ensure_dataset, split_paths
@@ -26,9 +26,11 @@ from istr.engine.checkpoint import load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.sinks import JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
-from istr.losses import SetCriterion, build_criterion, loss_weights, weighted_sum
-from istr.matcher import build_matcher
+from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
+from istr.matcher import MASK_COSTS, build_matcher
 from istr.model import build_model
+from istr.model.head import ATTENTIONS
+from istr.registry import pick
 from istr.targets import prepare_targets
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def train_step(state: TrainState, batch: dict) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip_grad_norm)
     state.optimizer.step()
     state.scheduler.step()
-    metrics = {k: v.item() for k, v in losses.items() if "_s" not in k}
+    metrics = {k: v.item() for k, v in losses.items() if split_stage(k)[1] is None}
     metrics.update(loss=reduced.item(), grad_norm=float(grad_norm), lr=state.optimizer.param_groups[0]["lr"])
     return metrics
 
@@ -178,8 +180,17 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, codec: MaskCodec, device: 
     return metrics
 
 
+def check_arms(cfg: Config) -> None:
+    """Each ablation arm looked up in the registry its builder uses: UnknownArmError, listing the valid names."""
+    pick(CODECS, cfg.codec.type, "codec.type")
+    pick(MASK_COSTS, cfg.matcher.mask_cost, "matcher.mask_cost")
+    pick(MASK_LOSSES, cfg.loss.mask, "loss.mask")
+    pick(ATTENTIONS, cfg.model.attention, "model.attention")
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir`` (fresh, or resumed from checkpoints/last.pt) and evaluate."""
+    check_arms(cfg)  # before anything is written, generated or fitted
     info = D.init_distributed(cfg.train.device)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from istr.registry import pick
+
 # detectron2's Box2BoxTransform clamp: exp() of larger deltas would overflow.
 _SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -119,9 +121,7 @@ class ISTRStage(nn.Module):
         prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTIONS)}")
-        use_self_attention, interaction = ATTENTIONS[attention]
+        use_self_attention, interaction = pick(ATTENTIONS, attention, "model.attention")
         self.self_attn = (
             nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
             if use_self_attention

@@ -71,9 +71,12 @@ def prepare_study(plan: SweepPlan, cells: list | None) -> optuna.Study:
 
 
 def _cell_id(plan: SweepPlan, params: dict[str, Any]) -> str:
+    from istr.engine.train import check_arms
     from istr.sweep.spec import cell_identity
 
-    return cell_identity(load_config(plan.preset, plan.overrides(params)))
+    cfg = load_config(plan.preset, plan.overrides(params))
+    check_arms(cfg)  # a typo in a spec's arm fails here, before any trial trains
+    return cell_identity(cfg)
 
 
 def worker_loop(plan: SweepPlan, on_trial=None) -> int:
