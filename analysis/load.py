@@ -1,24 +1,17 @@
-"""Load sweep results (`runs/sweeps/<study>/results.csv`) into one DataFrame (DESIGN.md, "Sweep results row")."""
+"""Load sweep results (`runs/sweeps/<study>/results.csv`, columns in `istr.results`) into one DataFrame."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-METRICS = [f"{kind}_{m}" for kind in ("segm", "bbox") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-COLUMNS = [
-    "study", "axis", "arm", "cell_id", "seed", "preset", "status", *METRICS,
-    "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
-    "codec_type", "codec_dim", "codec_iou",
-]  # fmt: skip
-NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s", "codec_dim", "codec_iou"]
-STRING = [
-    "study", "axis", "arm", "cell_id", "preset", "status", "device", "run_dir", "wandb_run_id", "finished_at",
-    "codec_type",
-]  # fmt: skip
+from istr.results import COLUMNS, NUMERIC
+
+STRING = [c for c in COLUMNS if c not in NUMERIC and c != "seed"]
 
 
 class NoResultsError(FileNotFoundError):
@@ -59,14 +52,19 @@ def load_results(runs: Path, studies: list[str] | None = None) -> pd.DataFrame:
     return df
 
 
-def load_wandb(entity: str, project: str, studies: list[str] | None = None) -> pd.DataFrame:
-    """The same frame from the W&B API (online): finished runs of `entity/project`, groups = studies."""
+def load_wandb(
+    entity: str, project: str, axis_keys: Mapping[str, Sequence[str]], studies: list[str] | None = None
+) -> pd.DataFrame:
+    """The same frame from the W&B API (online): finished runs of `entity/project`, groups = studies.
+
+    `axis_keys` names each axis' swept config keys (the sweep specs' parameters), which turn a run's
+    config into its arm."""
     import wandb
 
     from analysis.wandb_rows import wandb_rows
 
     filters = {"group": {"$in": studies}} if studies else {}
-    df = normalize(pd.DataFrame(wandb_rows(wandb.Api().runs(f"{entity}/{project}", filters=filters))))
+    df = normalize(pd.DataFrame(wandb_rows(wandb.Api().runs(f"{entity}/{project}", filters=filters), axis_keys)))
     df = df[df["status"] == "complete"].reset_index(drop=True)
     if df.empty:
         raise NoResultsError(f"no finished runs in W&B project {entity}/{project} (groups: {studies or 'all'})")
@@ -103,13 +101,26 @@ def results_from_cli(
     )
     ap.add_argument("--entity", default=None, help="W&B entity (with --source wandb)")
     ap.add_argument("--project", default=None, help="W&B project (with --source wandb)")
+    ap.add_argument(
+        "--axis-keys",
+        action="append",
+        default=[],
+        metavar="AXIS=KEY[,KEY]",
+        help="with --source wandb, repeatable: an axis and its swept config keys, e.g. attention=model.attention",
+    )
     args = ap.parse_args(argv)
     studies = [s for s in args.studies.split(",") if s] if args.studies else None
-    if args.source == "wandb" and not (args.entity and args.project):
-        ap.error("--source wandb needs --entity and --project")
+    if args.source == "wandb" and not (args.entity and args.project and args.axis_keys):
+        ap.error("--source wandb needs --entity, --project and --axis-keys")
+    axis_keys = {}
+    for item in args.axis_keys:
+        axis, _, keys = item.partition("=")
+        if not (axis and keys):
+            ap.error(f"--axis-keys {item!r}: expected AXIS=KEY[,KEY], e.g. attention=model.attention")
+        axis_keys[axis] = keys.split(",")
     try:
         if args.source == "wandb":
-            return args, load_wandb(args.entity, args.project, studies)
+            return args, load_wandb(args.entity, args.project, axis_keys, studies)
         return args, load_results(args.runs, studies)
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,12 +8,11 @@ the harness does, a run whose arm is its own axis's default arm is also a row of
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from analysis.load import METRICS
 from analysis.stats import DEFAULT_ARMS
-from istr.sweep.spec import SpecError, arm_name, load_spec
+from istr.results import METRICS, arm_name
 
 
 def _unwrap(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,17 +37,7 @@ def select(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _axis_keys(axis: str) -> list[str] | None:
-    """The swept config keys of `sweeps/<axis>.yaml`; None for a run that is not a sweep trial."""
-    if not axis:
-        return None
-    try:
-        return load_spec(axis).axis_keys()
-    except SpecError:
-        return None
-
-
-def run_row(run: Any, axis: str, keys: list[str]) -> dict[str, Any]:
+def run_row(run: Any, axis: str, keys: Sequence[str]) -> dict[str, Any]:
     """One results row of `run` (a `wandb.apis.public.Run` or anything with its attributes) as a row of `axis`."""
     config, summary = _unwrap(dict(run.config)), dict(run.summary)
     return {
@@ -68,10 +57,14 @@ def run_row(run: Any, axis: str, keys: list[str]) -> dict[str, Any]:
     }
 
 
-def wandb_rows(runs: Iterable[Any]) -> list[dict[str, Any]]:
-    """Rows of every sweep-trial run, the default-arm runs shared with the other axes (module docstring)."""
+def wandb_rows(runs: Iterable[Any], axis_keys: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """Rows of every sweep-trial run, the default-arm runs shared with the other axes (module docstring).
+
+    ``axis_keys``: the swept config keys of each axis (``{"attention": ["model.attention"], ...}``); a run
+    whose job type is not one of them is no sweep trial and is left out.
+    """
     runs = list(runs)
-    keys = {axis: _axis_keys(axis) for axis in {run.job_type for run in runs}}
+    keys = {axis: list(axis_keys.get(axis, ())) for axis in {run.job_type for run in runs}}
     own = [(run, run_row(run, run.job_type, keys[run.job_type])) for run in runs if keys[run.job_type]]
     rows = [row for _, row in own]
     present = {(row["axis"], row["arm"], row["seed"]) for row in rows}

@@ -42,13 +42,14 @@ def _fit_codec(args: argparse.Namespace) -> None:
 
 
 def _codec_report(args: argparse.Namespace) -> None:
-    from istr.codecs.report import codec_report, format_markdown
+    from istr.codecs import CODECS
     from istr.config import load_config
     from istr.data.build import ensure_dataset
+    from istr.reports.codec import codec_report, format_markdown
 
     cfg = load_config(args.config, args.overrides)
     ensure_dataset(cfg.data)
-    types = args.types.split(",")
+    types = args.types.split(",") if args.types else list(CODECS)
     dims = [int(d) for d in args.dims.split(",")]
     report = codec_report(cfg, types, dims, Path(args.out), args.max_val_images)
     print(format_markdown(report))
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codec-report", help="reconstruction IoU + oracle segm AP of mask codecs on the val masks")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--types", default="pca,dct,sparse,ae")
+    p.add_argument("--types", default=None, help="comma-separated codec types (default: every registered codec)")
     p.add_argument("--dims", default="20,40,60,80,100")
     p.add_argument("--out", default="results/codec_report")
     p.add_argument("--max-val-images", type=int, default=0, help="0 = all val images")
@@ -138,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.set_defaults(func=_predict)
+    from istr.ablate import add_parser as add_ablate_parser
     from istr.bench import add_parsers as add_bench_parsers
     from istr.sweep.cli import add_parsers as add_sweep_parsers
 
     add_bench_parsers(sub)
     add_sweep_parsers(sub)
+    add_ablate_parser(sub)
 
     p = sub.add_parser("demo", help="the main job: tiny preset on generated data -> eval + overlays")
     p.add_argument("--config", default="experiments/tiny.yaml")

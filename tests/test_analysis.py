@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.load import COLUMNS, METRICS, NoResultsError, load_results, normalize
+from analysis.load import COLUMNS, NoResultsError, load_results, normalize
 from analysis.stats import DEFAULT_ARMS, default_arm, paired_vs_default, summarize
 from analysis.tables import DASH, axis_table, main, to_latex, to_markdown
+from istr.results import METRICS
 
 BASE_VALUES = {0: 30.0, 1: 31.5, 2: 29.0}
 OTHER_VALUES = {0: 32.0, 1: 32.1, 2: 30.5}
@@ -233,9 +234,16 @@ def test_tables_cli_writes_codec_table_from_report(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "embedding_dim.md").is_file()
 
 
-def test_source_wandb_needs_entity_and_project() -> None:
-    with pytest.raises(SystemExit):
-        main(["--source", "wandb"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--entity", "e", "--project", "p"], ["--entity", "e", "--project", "p", "--axis-keys", "attention"]],
+    ids=["nothing", "no-axis-keys", "malformed-axis-keys"],
+)
+def test_source_wandb_needs_entity_project_and_axis_keys(extra, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", "wandb", *extra])
+    assert exit_info.value.code == 2  # argparse's usage error, before any W&B call
+    assert "--axis-keys" in capsys.readouterr().err
 
 
 def test_numeric_arms_sort_numerically_after_the_default() -> None:

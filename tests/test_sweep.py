@@ -222,8 +222,6 @@ def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
                               "--workers", "2", "--storage", "postgresql://x", "--trial-timeout", "60"])
     assert (args.spec, args.preset, args.seeds, args.workers) == ("loss", "tiny", 3, 2)
     assert args.sets == ["train.max_steps=2"]
-    args = parser.parse_args(["ablate", "--preset", "tiny", "--seeds", "2", "--workers", "2"])
-    assert args.func.__name__ == "ablate_command"
     args = parser.parse_args(["sweep", "status", "nope", "--root", str(tmp_path)])
     with pytest.raises(FileNotFoundError):
         args.func(args)
@@ -321,31 +319,3 @@ def test_sweep_to_paper_tables_end_to_end(tmp_path, tiny_cfg_factory, monkeypatc
     assert "(default)" in (out / "loss.md").read_text()
     assert plots.main(["--runs", str(root), "--out", str(out / "figures")]) == 0
     assert (out / "figures" / "loss_mask_ap.png").is_file()
-
-
-def test_ablate_runs_axes_then_writes_tables_and_figures(tmp_path, tiny_cfg_factory, monkeypatch):
-    """Issue 6 end to end: `istr ablate` -> per-axis tables, the codec upper-bound table (with a real codec
-    report), learning curves, the codec-dim figure and prediction overlays from the trials' checkpoints."""
-    from istr.cli import main
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
-    (tmp_path / "sweeps").mkdir()  # the tiny test codec is 16-d: sweep dims 8 and 16 (cwd sweeps/ come first)
-    dims = (REPO / "sweeps" / "embedding_dim.yaml").read_text().replace("[40, 60, 80, 100]", "[8, 16]")
-    (tmp_path / "sweeps" / "embedding_dim.yaml").write_text(dims)
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "results"
-    argv = ["ablate", "--preset", str(preset), "--axes", "attention,embedding_dim", "--seeds", "1",
-            "--root", str(tmp_path / "runs"), "--out", str(out)]
-    assert main(argv) == 0
-    table = (out / "attention.md").read_text()
-    assert all(arm in table for arm in ("self+dynamic (default)", "| self |", "| dynamic |"))
-    report = (out / "codec_report.csv").read_text().splitlines()
-    assert len(report) == 3 and report[1].startswith("pca,8,")  # one row per codec trained
-    codecs = (out / "codec_upper_bound.md").read_text()
-    # DEFAULT_ARMS' "60" is absent here, so the smallest dim is the default arm
-    assert "| pca-8 (default) |" in codecs and "| pca-16 |" in codecs and "—†" not in codecs.split("\n\n")[0]
-    figures = {p.name for p in (out / "figures").iterdir()}
-    for stem in ("attention_mask_ap", "attention_learning_curves", "attention_overlays", "codec_dim",
-                 "embedding_dim_overlays"):
-        assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem

@@ -10,6 +10,8 @@ from analysis.load import COLUMNS, normalize
 from analysis.stats import default_arm
 from analysis.wandb_rows import select, wandb_rows
 
+AXIS_KEYS = {"embedding": ["codec.type"], "attention": ["model.attention"]}
+
 
 def _run(run_id: str, axis: str, seed: int, ap: float, state: str = "finished", **config) -> SimpleNamespace:
     resolved = {"seed": {"value": seed}, "codec": {"type": "pca", "dim": 60}, "model": {"attention": "self+dynamic"}}
@@ -29,7 +31,7 @@ def test_rows_have_the_results_schema_and_arms_from_the_axis_keys() -> None:
         _run("crash", "attention", 1, 0.0, state="crashed", model__attention="self"),
         _run("other", "not-an-axis", 0, 1.0),
     ]
-    df = normalize(pd.DataFrame(wandb_rows(runs)))
+    df = normalize(pd.DataFrame(wandb_rows(runs, AXIS_KEYS)))
     assert list(df.columns) == COLUMNS
     emb = df[df["axis"] == "embedding"].set_index("arm")
     assert emb.loc["dct", "segm_AP"] == 8.0 and emb.loc["pca", "codec_dim"] == 60
@@ -44,7 +46,7 @@ def test_rows_have_the_results_schema_and_arms_from_the_axis_keys() -> None:
 
 def test_own_default_run_is_not_duplicated_by_sharing() -> None:
     runs = [_run("a0", "embedding", 0, 10.0), _run("b0", "attention", 0, 11.0)]
-    df = pd.DataFrame(wandb_rows(runs))
+    df = pd.DataFrame(wandb_rows(runs, AXIS_KEYS))
     assert sorted(df.loc[df["axis"] == "attention", "wandb_run_id"]) == ["b0"]
     assert sorted(df.loc[df["axis"] == "embedding", "wandb_run_id"]) == ["a0"]
 

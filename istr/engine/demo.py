@@ -13,14 +13,14 @@ from istr.data.build import split_paths
 from istr.engine.predict import load_run, predict_images
 from istr.engine.train import train
 from istr.io import atomic_write_text
+from istr.results import AP_NAMES
 
 
 def format_eval_table(metrics: dict) -> str:
     """eval.json -> a Markdown table (rows bbox/segm, columns AP ... APl; '—' where undefined)."""
-    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = ["| | " + " | ".join(AP_NAMES) + " |", "|---" * (len(AP_NAMES) + 1) + "|"]
     for iou_type in ("segm", "bbox"):
-        cells = ["—" if metrics[iou_type][n] is None else f"{metrics[iou_type][n]:.1f}" for n in names]
+        cells = ["—" if metrics[iou_type][n] is None else f"{metrics[iou_type][n]:.1f}" for n in AP_NAMES]
         lines.append(f"| {iou_type} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""``istr sweep`` / ``istr sweep-status`` / ``istr ablate``: argparse wiring for the sweep harness.
+"""``istr sweep`` / ``istr sweep-status``: argparse wiring for the sweep harness (``istr ablate``: istr/ablate.py).
 
 Wire into ``istr/cli.py``'s ``build_parser`` with::
 
@@ -15,10 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
 
-
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``istr sweep`` and ``istr ablate`` share."""
     p.add_argument("--preset", default=None,
                    help="experiments/<NAME>.yaml or a YAML path (default: the spec's --config)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell: 0..N-1 (default: the spec's seed grid)")
@@ -60,63 +59,13 @@ def status_command(args: argparse.Namespace) -> None:
     _print_status(sweep_status(args.study, args.storage, Path(args.root)))
 
 
-def codec_upper_bounds(preset: Path, sets: list[str], root: Path, studies: list[str], out: Path) -> Path | None:
-    """``istr codec-report`` for every codec the embedding studies trained -> ``out/codec_report.csv``.
-
-    The reconstruction upper bound of the paper's mask-embedding table (ISTR_SPEC §7.1); None when the
-    studies hold no codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
-    """
-    from analysis.load import NoResultsError, load_results
-    from analysis.tables import CODEC_AXES
-    from istr.codecs.report import codec_report_pairs
-    from istr.config import load_config
-
-    try:
-        df = load_results(root, studies)
-    except NoResultsError:
-        return None
-    codecs = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
-    pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
-    if not pairs:
-        return None
-    codec_report_pairs(load_config(preset, sets), pairs, out)
-    return out / "codec_report.csv"
-
-
-def ablate_command(args: argparse.Namespace) -> list[dict]:
-    """The axis sweeps as one job (the default arm, shared by all, is trained once), then the analysis."""
-    from analysis import plots, tables
-    from istr.sweep.runner import run_sweep
-    from istr.sweep.spec import resolve_preset
-
-    preset = resolve_preset(args.preset or "tiny")
-    results, studies = [], []
-    for axis in args.axes.split(","):
-        study = f"{axis}-{args.name or preset.stem}"
-        counts = run_sweep(axis, preset=str(preset), seeds=args.seeds, sets=args.sets,
-                           study_name=study, workers=args.workers,
-                           storage_url=args.storage, trial_timeout=args.trial_timeout, root=Path(args.root))
-        results.append(counts)
-        studies.append(study)
-        print(json.dumps(counts))
-    # Then the paper's tables and figures from the studies just run (analysis/, issue 6).
-    selection = ["--runs", args.root, "--studies", ",".join(studies)]
-    report = codec_upper_bounds(preset, args.sets, Path(args.root), studies, Path(args.out))
-    if report is not None:
-        selection += ["--codec-report", str(report)]
-    tables.main([*selection, "--out", args.out])
-    plots.main([*selection, "--out", str(Path(args.out) / "figures")])
-    print(f"results: tables in {args.out}/ (*.md, *.tex, *.csv), figures in {Path(args.out) / 'figures'}/")
-    return results
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``sweep``, ``sweep-status`` and ``ablate`` on the ``istr`` subparsers."""
+    """Register ``sweep`` and ``sweep-status`` on the ``istr`` subparsers."""
     p = sub.add_parser("sweep", help="run/resume a sweep spec (sweeps/*.yaml) with Optuna; "
                        "'istr sweep status STUDY' shows its progress")
     p.add_argument("spec", help="sweeps/<axis>.yaml, an axis name, or 'status'")
     p.add_argument("study", nargs="?", default=None, help=argparse.SUPPRESS)
-    _common(p)
+    add_common_arguments(p)
     p.add_argument("--name", default=None, help="study name (default <axis>-<preset>)")
     p.add_argument("--trials", type=int, default=None,
                    help="trial budget of a random/bayes spec (default: its run_cap); grids run every cell")
@@ -127,11 +76,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=None)
     p.add_argument("--root", default="runs/sweeps")
     p.set_defaults(func=status_command)
-
-    p = sub.add_parser("ablate", help="the ablation sweeps (embedding, embedding_dim, mask_cost, loss, "
-                       "attention) as one job, then the tables and figures")
-    _common(p)
-    p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
-    p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")
-    p.add_argument("--out", default="results", help="folder for the tables and figures")
-    p.set_defaults(func=ablate_command)

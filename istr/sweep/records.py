@@ -18,17 +18,9 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text
+from istr.results import AP_NAMES, COLUMNS, IOU_TYPES
 from istr.sweep.storage import file_lock, open_storage, study_dir
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-COLUMNS = [
-    "study", "axis", "arm", "cell_id", "seed", "preset", "status",
-    *[f"segm_{m}" for m in METRICS], *[f"bbox_{m}" for m in METRICS],
-    "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
-    # beyond the DESIGN.md contract (analysis reads columns by name):
-    "reused_from", "train_s", "trial",
-    "codec_type", "codec_dim", "codec_iou",  # the cell's mask codec and its train reconstruction IoU
-]
 TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, finished_at
 
 
@@ -80,8 +72,8 @@ def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
         "codec_dim": codec.get("dim"),
         "codec_iou": codec.get("mask_iou"),
     }
-    for task in ("segm", "bbox"):
-        for m in METRICS:
+    for task in IOU_TYPES:
+        for m in AP_NAMES:
             row[f"{task}_{m}"] = ev.get(task, {}).get(m)
     return row
 

@@ -24,8 +24,9 @@ from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
 from istr.io import atomic_write_json
+from istr.results import arm_name
 from istr.sweep.records import TRIAL_RECORD, _read_json, codec_record
-from istr.sweep.spec import arm_name, cell_identity, param_overrides
+from istr.sweep.spec import cell_identity, param_overrides
 from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lease
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

@@ -21,6 +21,7 @@ import io
 import itertools
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,17 @@ def write_report(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     atomic_write_text(csv_path, df.to_csv(index=False))
     atomic_write_text(md_path, format_markdown(df))
     return csv_path, md_path
+
+
+def codec_upper_bounds(cfg: Config, results: pd.DataFrame, codec_axes: Iterable[str], out: Path) -> Path | None:
+    """The codec report of every (type, dim) the ``codec_axes`` rows of ``results`` trained -> ``out/codec_report.csv``
+
+    The reconstruction upper bound of the paper's mask-embedding table (docs/method.md#ablations); None
+    when no row holds a codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
+    """
+    codecs = results[results["axis"].isin(list(codec_axes))].dropna(subset=["codec_type", "codec_dim"])
+    pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
+    if not pairs:
+        return None
+    codec_report_pairs(cfg, pairs, out)
+    return out / "codec_report.csv"
