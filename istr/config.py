@@ -66,7 +66,6 @@ class CodecConfig:
 
     type: str = "pca"
     dim: int = 60
-    mask_size: int = 28
     max_fit_masks: int = 200_000
     params: dict[str, Any] = field(default_factory=dict)
 

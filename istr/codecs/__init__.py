@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from istr.codecs.ae import AECodec
-from istr.codecs.base import MaskCodec, load_codec, mask_iou
+from istr.codecs.base import MASK_SIZE, MaskCodec, load_codec, mask_iou
 from istr.codecs.dct import DCTCodec
 from istr.codecs.pca import PCACodec
 from istr.codecs.sparse import SparseCodec
@@ -30,6 +30,7 @@ def build_codec(type: str, dim: int, **params: Any) -> MaskCodec:
 
 __all__ = [
     "CODECS",
+    "MASK_SIZE",
     "AECodec",
     "DCTCodec",
     "MaskCodec",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from istr.codecs.base import MaskCodec
+from istr.codecs.base import MASK_SIZE, MaskCodec
 
 
 class AECodec(MaskCodec):
@@ -32,7 +32,7 @@ class AECodec(MaskCodec):
     ) -> None:
         super().__init__(dim, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
         self.epochs, self.seed, self.lr, self.batch_size = epochs, seed, lr, batch_size
-        side = self.mask_size // 4
+        side = MASK_SIZE // 4
         # Seed a private RNG stream so construction is reproducible without
         # disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):

@@ -10,12 +10,12 @@ so ``.to(device)`` moves it and the ISTR optimizer never trains it.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from istr.io import atomic_torch_save
 
 # Clip value for the inverse sigmoid of binary masks (ISTR_SPEC §1). The
 # reference code jitters background/foreground to [0.01, 0.05] / [0.95, 0.99];
@@ -28,6 +28,7 @@ MASK_EPS = 0.01
 _CODEC_CLASSES: dict[str, type[MaskCodec]] = {}
 
 _SAVE_FORMAT = 1
+MASK_SIZE = 28  # side of the box-cropped masks every codec embeds (docs/method.md#mask-embedding)
 
 
 def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
@@ -130,15 +131,13 @@ class MaskCodec(nn.Module):
       the mask (probability > 0.5).
     """
 
-    mask_size: int = 28
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _CODEC_CLASSES[cls.__name__] = cls
 
     def __init__(self, dim: int, **params: Any) -> None:
         super().__init__()
-        num_pixels = self.mask_size**2
+        num_pixels = MASK_SIZE**2
         if not 1 <= dim <= num_pixels:
             raise ValueError(f"{type(self).__name__}: dim must be in [1, {num_pixels}], got {dim}")
         self.dim = dim
@@ -158,7 +157,7 @@ class MaskCodec(nn.Module):
         raise RuntimeError(f"{type(self).__name__} has no floating-point state")
 
     def _check_masks(self, masks: Tensor) -> Tensor:
-        s = self.mask_size
+        s = MASK_SIZE
         if masks.dim() != 3 or masks.shape[1:] != (s, s):
             raise ValueError(f"{type(self).__name__}: masks must be [n, {s}, {s}], got {tuple(masks.shape)}")
         ref = self._reference_tensor()
@@ -221,7 +220,7 @@ class MaskCodec(nn.Module):
             raise ValueError(f"{type(self).__name__}: codes must be [n, {self.dim}], got {tuple(codes.shape)}")
         ref = self._reference_tensor()
         logits = self._decode(codes.to(device=ref.device, dtype=ref.dtype))
-        return logits.reshape(codes.shape[0], self.mask_size, self.mask_size)
+        return logits.reshape(codes.shape[0], MASK_SIZE, MASK_SIZE)
 
     def _fit(self, masks: Tensor) -> dict[str, float]:
         """Learn the codec state from checked masks; return codec-specific stats."""
@@ -246,13 +245,7 @@ class MaskCodec(nn.Module):
             self._freeze()
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write type name, constructor params and state to ``path``.
-
-        Written to a temp file in the same directory and renamed with
-        ``os.replace`` so a crash never leaves a truncated codec behind.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Atomically write type name, constructor params and state to ``path`` (a crash keeps the old file)."""
         state = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in self.state_dict().items()}
         payload = {
             "format": _SAVE_FORMAT,
@@ -260,22 +253,7 @@ class MaskCodec(nn.Module):
             "params": dict(self.params),
             "state": state,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MaskCodec:
-        """``load_codec`` that also checks the file holds a ``cls`` (DESIGN.md ``load(path)``)."""
-        codec = load_codec(path, map_location)
-        if not isinstance(codec, cls):
-            raise ValueError(f"{path}: holds a {type(codec).__name__}, not a {cls.__name__}")
-        return codec
+        atomic_torch_save(path, payload)
 
 
 def load_codec(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MaskCodec:

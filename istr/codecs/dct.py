@@ -7,7 +7,7 @@ import scipy.fft
 import torch
 from torch import Tensor
 
-from istr.codecs.base import MaskCodec, masks_to_logits
+from istr.codecs.base import MASK_SIZE, MaskCodec, masks_to_logits
 
 
 def zigzag_indices(size: int) -> list[tuple[int, int]]:
@@ -41,7 +41,7 @@ class DCTCodec(MaskCodec):
 
     def __init__(self, dim: int = 60) -> None:
         super().__init__(dim)
-        size = self.mask_size
+        size = MASK_SIZE
         dct_1d = scipy.fft.dct(np.eye(size), norm="ortho", axis=0)  # [freq, pixel]
         # Row u*size+v of kron(C, C) is the basis image of frequency (u, v).
         basis = np.kron(dct_1d, dct_1d)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from istr.codecs.base import MaskCodec, WhitenedPCA, masks_to_logits
+from istr.codecs.base import MASK_SIZE, MaskCodec, WhitenedPCA, masks_to_logits
 
 
 class PCACodec(MaskCodec):
@@ -25,7 +25,7 @@ class PCACodec(MaskCodec):
 
     def __init__(self, dim: int = 60, whiten: bool = True) -> None:
         super().__init__(dim, whiten=whiten)
-        self.pca = WhitenedPCA(self.mask_size**2, dim, whiten=whiten)
+        self.pca = WhitenedPCA(MASK_SIZE**2, dim, whiten=whiten)
 
     def _fit(self, masks: Tensor) -> dict[str, float]:
         return self.pca.fit(masks_to_logits(masks))

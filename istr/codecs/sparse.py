@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from istr.codecs.base import MaskCodec, WhitenedPCA, mask_iou, masks_to_logits
+from istr.codecs.base import MASK_SIZE, MaskCodec, WhitenedPCA, mask_iou, masks_to_logits
 
 
 def soft_threshold(x: Tensor, threshold: Tensor | float) -> Tensor:
@@ -86,7 +86,7 @@ class SparseCodec(MaskCodec):
             raise ValueError(f"SparseCodec: num_atoms ({num_atoms}) must be >= dim ({dim})")
         self.num_atoms, self.sparsity, self.iterations = num_atoms, sparsity, iterations
         self.coding_steps, self.seed = coding_steps, seed
-        pixels = self.mask_size**2
+        pixels = MASK_SIZE**2
         self.register_buffer("mean", torch.zeros(pixels))
         self.register_buffer("dictionary", torch.zeros(num_atoms, pixels))
         self.register_buffer("step_size", torch.ones(()))

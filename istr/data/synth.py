@@ -16,14 +16,14 @@ Properties the rest of the project relies on:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from istr.io import atomic_write_text
 
 # A shape is a list of (polygon in unit coordinates inside the unit disc, fill value); fill 0
 # cuts a hole (ring).
@@ -204,19 +204,6 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray) 
     }
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    # Temp file in the same directory + os.replace: readers never see a half-written json.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _generate_split(
     out_dir: Path,
     split: str,
@@ -257,7 +244,7 @@ def _generate_split(
         "annotations": annotations,
         "categories": categories,
     }
-    _write_json_atomic(out_dir / "annotations" / f"instances_{split}.json", dataset)
+    atomic_write_text(out_dir / "annotations" / f"instances_{split}.json", json.dumps(dataset))
     return {"images": len(images), "instances": len(annotations), **sizes}
 
 

@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from istr.codecs import CODECS, MaskCodec, mask_iou
+from istr.codecs import CODECS, MASK_SIZE, MaskCodec, mask_iou
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config
 from istr.data.build import ensure_dataset, split_paths
@@ -119,7 +119,7 @@ def load_val_set(cfg: Config, max_val_images: int = 0) -> ValSet:
     if max_val_images > 0 and len(image_ids) > max_val_images:
         image_ids = image_ids[:max_val_images]
         coco = _subset_coco(coco, image_ids)
-    size = cfg.codec.mask_size
+    size = MASK_SIZE
     images, crops, areas, valid = [], [], [], []
     start = 0
     for image_id in image_ids:
