@@ -85,7 +85,8 @@ def learning_curves(df: pd.DataFrame, axis: str) -> plt.Figure | None:
 
 
 def codec_dim_figure(df: pd.DataFrame, report: pd.DataFrame | None) -> plt.Figure | None:
-    """Trained mask AP vs codec dim (the `embedding_dim` axis) beside reconstruction IoU vs dim (ISTR_SPEC §7.1).
+    """Trained mask AP vs codec dim (the `embedding_dim` axis) beside reconstruction IoU vs dim
+    (docs/method.md#ablations).
 
     IoU comes from `istr codec-report` (val split, every codec type in it) or, without a report, from the
     trials' own codec fit (train split). None when neither has two or more dims.

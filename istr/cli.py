@@ -1,4 +1,4 @@
-"""``istr`` entry point: subcommands dispatch to the library; no logic here (DESIGN.md)."""
+"""``istr`` entry point: subcommands dispatch to the library; no logic here (docs/architecture.md#layers)."""
 
 from __future__ import annotations
 

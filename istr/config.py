@@ -1,6 +1,6 @@
-"""Typed configuration: the ONLY reader of YAML in the project (DESIGN.md, "Config").
+"""Typed configuration: the ONLY reader of YAML in the project (docs/architecture.md#layers).
 
-One schema of nested dataclasses whose defaults are the paper's values (ISTR_SPEC §4-5).
+One schema of nested dataclasses whose defaults are the paper's values (docs/method.md#architecture, #training).
 Presets in ``experiments/`` override it, ``key.sub=value`` strings override the preset, and an
 unknown key is an error that names the closest valid key.
 """
@@ -46,7 +46,7 @@ class DataConfig:
     train_images: str = "train2017"
     val_json: str = "annotations/instances_val2017.json"
     val_images: str = "val2017"
-    # ISTR_SPEC §5: multi-scale training, test short side 800 / max 1333.
+    # docs/method.md#training: multi-scale training, test short side 800 / max 1333.
     train_short_sizes: list[int] = field(
         default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
     )
@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class CodecConfig:
-    """Mask embedding (ISTR_SPEC §1): ``type`` is an ablation axis, ``dim`` is l."""
+    """Mask embedding (docs/method.md#mask-embedding): ``type`` is an ablation axis, ``dim`` is l."""
 
     type: str = "pca"
     dim: int = 60
@@ -72,7 +72,7 @@ class CodecConfig:
 
 @dataclass
 class ModelConfig:
-    """ISTR architecture (ISTR_SPEC §4)."""
+    """ISTR architecture (docs/method.md#architecture)."""
 
     backbone: str = "resnet50"
     pretrained: str = ""  # optional LOCAL path to torchvision ResNet weights; never downloaded
@@ -94,7 +94,7 @@ class ModelConfig:
 
 @dataclass
 class MatcherConfig:
-    """Matching cost of ISTR_SPEC §2; ``mask_cost`` is an ablation axis."""
+    """Matching cost of docs/method.md#matching-cost; ``mask_cost`` is an ablation axis."""
 
     mask_cost: str = "cosine"
     cost_class: float = 2.0
@@ -107,7 +107,7 @@ class MatcherConfig:
 
 @dataclass
 class LossConfig:
-    """Set prediction loss of ISTR_SPEC §3; ``mask`` is an ablation axis."""
+    """Set prediction loss of docs/method.md#loss; ``mask`` is an ablation axis."""
 
     mask: str = "l2+dice"
     weight_class: float = 2.0
@@ -121,7 +121,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (ISTR_SPEC §5)."""
+    """Optimisation recipe (docs/method.md#training)."""
 
     max_steps: int = 270_000
     batch_size: int = 16  # global batch; split across DDP ranks
@@ -144,7 +144,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Inference (ISTR_SPEC §4, "Inference") and COCOeval settings."""
+    """Inference (docs/method.md#inference) and COCOeval settings."""
 
     max_detections: int = 100
     mask_threshold: float = 0.5
@@ -230,6 +230,6 @@ def to_yaml(cfg: Config) -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """Identity of a run: hash of the resolved config (DESIGN.md, "Config")."""
+    """Identity of a run: hash of the resolved config (docs/architecture.md#layers)."""
     payload = json.dumps(to_dict(cfg), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

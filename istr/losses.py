@@ -1,7 +1,7 @@
-"""Set prediction loss of ISTR_SPEC §3: focal + L1 + GIoU + mask (L2 on embeddings, Dice on masks).
+"""Set prediction loss of docs/method.md#loss: focal + L1 + GIoU + mask (L2 on embeddings, Dice on masks).
 
-The criterion returns UNWEIGHTED terms; :func:`weighted_sum` applies the weights, once
-(DESIGN.md). The mask loss is an ablation axis (``MASK_LOSSES``).
+The criterion returns UNWEIGHTED terms; :func:`weighted_sum` applies the weights, once. The mask
+loss is an ablation axis (``MASK_LOSSES``; a new arm: docs/adding-an-arm.md).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from istr.targets import BatchTargets
 def mask_l2_loss(
     codes: Tensor, target_codes: Tensor, target_masks: Tensor, codec: torch.nn.Module, num_boxes: float
 ) -> Tensor:
-    """L2(e_p, e_g): squared error summed, / num_boxes / l (ISTR_SPEC §3, reference code)."""
+    """L2(e_p, e_g): squared error summed, / num_boxes / l (docs/method.md#loss, reference code)."""
     return (codes - target_codes).pow(2).sum() / num_boxes / max(codes.shape[-1], 1)
 
 
 def mask_dice_loss(
     codes: Tensor, target_codes: Tensor, target_masks: Tensor, codec: torch.nn.Module, num_boxes: float
 ) -> Tensor:
-    """Dice(decode(e_p), m_g) on masks reconstructed by the fixed decoder (ISTR_SPEC §3)."""
+    """Dice(decode(e_p), m_g) on masks reconstructed by the fixed decoder (docs/method.md#loss)."""
     probs = codec.decode(codes).sigmoid().flatten(1)
     gt = target_masks.flatten(1)
     dice = 1 - (2 * (probs * gt).sum(1) + 1) / (probs.sum(1) + gt.sum(1) + 1)
@@ -69,7 +69,7 @@ def split_stage(name: str) -> tuple[str, int | None]:
 
 
 class SetCriterion:
-    """Matches each stage anew and computes its loss terms (deep supervision, ISTR_SPEC §3)."""
+    """Matches each stage anew and computes its loss terms (deep supervision, docs/method.md#loss)."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Ground truth in the form matching and the loss need: flat tensors + 28x28 box crops + codes.
 
-Built once per batch and shared by every stage's matching and loss (ISTR_SPEC §2-3).
+Built once per batch and shared by every stage's matching and loss (docs/method.md#matching-cost, #loss).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from istr.codecs.base import MASK_SIZE
 
 
 def crop_masks(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE) -> Tensor:
-    """Crop each [H,W] mask to its x1y1x2y2 box and resize to size x size -> {0,1} float (ISTR_SPEC §1).
+    """Crop each [H,W] mask to its x1y1x2y2 box, resize to size x size -> {0,1} float (docs/method.md#mask-embedding).
 
     RoIAlign on the binary mask then threshold at 0.5, as detectron2's ``crop_and_resize``.
     """

@@ -1,4 +1,4 @@
-"""Codec reconstruction report (ISTR_SPEC §7.1): IoU + oracle segm AP per (codec type, dim).
+"""Codec reconstruction report (docs/method.md#ablations): IoU + oracle segm AP per (codec type, dim).
 
 Runs on conftest's tiny generated dataset: 16 train images with 30 masks (so PCA supports at most
 dim 29: it needs more samples than components), 6 val images with 11 masks, all COCO-"small".

@@ -1,4 +1,4 @@
-"""Tests of the mask codecs (ISTR_SPEC §1; DESIGN.md contract "Codec").
+"""Tests of the mask codecs (docs/method.md#mask-embedding).
 
 Masks are generated here (seeded): rotated filled ellipses, rings and
 triangles that roughly fill the 28x28 frame, like GT masks cropped to their

@@ -1,4 +1,4 @@
-"""Tests of the Hungarian matcher (ISTR_SPEC §2; DESIGN.md contract "Matcher").
+"""Tests of the Hungarian matcher (docs/method.md#matching-cost).
 
 Every pairwise cost is checked on 2 predictions x 2 GT instances against numbers worked out by
 hand; the assignment against a hand-solved 3x2 problem where the greedy choice is wrong; batching

@@ -1,4 +1,4 @@
-"""Mask codecs behind one interface (ISTR_SPEC §1; DESIGN.md contract "Codec").
+"""Mask codecs behind one interface (docs/method.md#mask-embedding).
 
 ``CODECS`` maps the config name ``codec.type`` to its class; adding a codec is
 one ``MaskCodec`` subclass plus one line here.

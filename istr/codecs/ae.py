@@ -1,4 +1,4 @@
-"""Convolutional autoencoder mask codec: the non-linear arm of the codec ablation (ISTR_SPEC §1, §7.1)."""
+"""Convolutional autoencoder mask codec: the non-linear arm of the codec ablation (docs/method.md#mask-embedding)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from istr.codecs.base import MASK_SIZE, MaskCodec
 
 
 class AECodec(MaskCodec):
-    """Small conv autoencoder ``28x28 -> dim -> 28x28 logits`` (ISTR_SPEC §1).
+    """Small conv autoencoder ``28x28 -> dim -> 28x28 logits`` (docs/method.md#mask-embedding).
 
     Encoder: conv 1->16 and 16->32 (3x3, stride 2, ReLU; 28 -> 14 -> 7), then a
     linear layer to ``dim``. Decoder mirrors it: linear to 32x7x7, two stride-2

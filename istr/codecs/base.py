@@ -1,4 +1,4 @@
-"""Mask codec interface shared by every mask embedding (ISTR_SPEC §1).
+"""Mask codec interface shared by every mask embedding (docs/method.md#mask-embedding).
 
 A codec maps class-agnostic 28x28 instance masks to a ``dim``-d embedding and
 back to 28x28 mask *logits*: ``encode: mask28 -> R^dim``, ``decode: R^dim ->
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from istr.io import atomic_torch_save
 
-# Clip value for the inverse sigmoid of binary masks (ISTR_SPEC §1). The
+# Clip value for the inverse sigmoid of binary masks (docs/method.md#mask-embedding). The
 # reference code jitters background/foreground to [0.01, 0.05] / [0.95, 0.99];
 # we clip deterministically at its outer edge so binary masks map to logits of
 # exactly +-log(0.99 / 0.01) = +-4.595 (soft masks land in between).
@@ -34,7 +34,7 @@ MASK_SIZE = 28  # side of the box-cropped masks every codec embeds (docs/method.
 def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
     """Per-mask IoU of boolean masks ``[n, H, W]`` -> ``[n]``.
 
-    Codec reconstruction quality of ISTR_SPEC §7.1; two empty masks count as a
+    Codec reconstruction quality of docs/method.md#ablations; two empty masks count as a
     perfect match (IoU 1) instead of 0/0.
     """
     if pred.shape != target.shape:
@@ -49,14 +49,14 @@ def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
 def masks_to_logits(masks: Tensor, eps: float = MASK_EPS) -> Tensor:
     """Inverse sigmoid of masks clipped to ``[eps, 1-eps]``, flattened to ``[n, H*W]``.
 
-    ISTR_SPEC §1: the reference PCA is fitted on the inverse sigmoid of the
+    docs/method.md#mask-embedding: the reference PCA is fitted on the inverse sigmoid of the
     (lightly jittered) binary mask, so linear decoders produce logits directly.
     """
     return torch.logit(masks.clamp(eps, 1.0 - eps)).flatten(1)
 
 
 class WhitenedPCA(nn.Module):
-    """Closed-form PCA ``R^in -> R^out`` with optional whitening (ISTR_SPEC §1).
+    """Closed-form PCA ``R^in -> R^out`` with optional whitening (docs/method.md#mask-embedding).
 
     ``project(x) = (x - mean) @ components.T / scale`` and ``unproject`` is its
     linear inverse on the kept subspace. With ``whiten=True`` the scale is the
@@ -118,7 +118,7 @@ class WhitenedPCA(nn.Module):
 
 
 class MaskCodec(nn.Module):
-    """Base class of the mask codecs of ISTR_SPEC §1 (contract in DESIGN.md, "Codec").
+    """Base class of the mask codecs of docs/method.md#mask-embedding.
 
     Subclasses implement ``_fit``, ``_encode`` and ``_decode`` and pass their
     constructor arguments to ``__init__`` so ``save``/``load_codec`` can rebuild
@@ -127,7 +127,7 @@ class MaskCodec(nn.Module):
 
     * ``encode(masks [n,28,28] in [0,1]) -> [n, dim]`` (no grad: codes are targets).
     * ``decode(codes [n, dim]) -> [n, 28, 28]`` logits, differentiable w.r.t.
-      ``codes`` (used inside the Dice term of ISTR_SPEC §3); ``logit > 0`` is
+      ``codes`` (used inside the Dice term of docs/method.md#loss); ``logit > 0`` is
       the mask (probability > 0.5).
     """
 
@@ -168,7 +168,7 @@ class MaskCodec(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(masks) or load_codec(path) first")
 
     def _freeze(self) -> None:
-        # Frozen after fit (ISTR_SPEC §1): the ISTR optimizer only takes
+        # Frozen after fit (docs/method.md#mask-embedding): the ISTR optimizer only takes
         # parameters with requires_grad, so this keeps the codec out of it.
         self.requires_grad_(False)
         self.eval()
@@ -178,7 +178,7 @@ class MaskCodec(nn.Module):
 
         Stats always contain ``n_masks`` and ``mask_iou``: the mean IoU of
         ``decode(encode(m)) > 0`` against ``m`` on the fitting masks (the
-        codec's upper bound on mask quality, ISTR_SPEC §7.1).
+        codec's upper bound on mask quality, docs/method.md#ablations).
         """
         masks = self._check_masks(masks)
         if masks.shape[0] == 0:
@@ -196,7 +196,7 @@ class MaskCodec(nn.Module):
 
     @torch.no_grad()
     def reconstruction_iou(self, masks: Tensor, batch_size: int = 4096) -> float:
-        """Mean IoU of ``decode(encode(m)) > 0`` vs ``m > 0.5`` (ISTR_SPEC §7.1)."""
+        """Mean IoU of ``decode(encode(m)) > 0`` vs ``m > 0.5`` (docs/method.md#ablations)."""
         masks = self._check_masks(masks)
         if masks.shape[0] == 0:
             raise ValueError("reconstruction_iou: got no masks")
@@ -208,7 +208,7 @@ class MaskCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, masks: Tensor) -> Tensor:
-        """Masks ``[n, 28, 28]`` in [0, 1] -> embeddings ``[n, dim]`` (ISTR_SPEC §1)."""
+        """Masks ``[n, 28, 28]`` in [0, 1] -> embeddings ``[n, dim]`` (docs/method.md#mask-embedding)."""
         self._check_fitted()
         masks = self._check_masks(masks)
         return self._encode(masks)

@@ -1,4 +1,4 @@
-"""DCT mask codec: low-frequency 2-D DCT coefficients in zig-zag order (ISTR_SPEC §1, 2022 version)."""
+"""DCT mask codec: low-frequency 2-D DCT coefficients in zig-zag order (docs/method.md#mask-embedding, 2022 version)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def zigzag_indices(size: int) -> list[tuple[int, int]]:
 
 
 class DCTCodec(MaskCodec):
-    """First ``dim`` orthonormal 2-D DCT-II coefficients of the mask logits (ISTR_SPEC §1).
+    """First ``dim`` orthonormal 2-D DCT-II coefficients of the mask logits (docs/method.md#mask-embedding).
 
     The 784x784 orthonormal basis is built once with ``scipy.fft.dct`` at
     construction and its first ``dim`` rows in zig-zag order are kept as a

@@ -1,6 +1,6 @@
 """Fit a codec on a dataset's training masks once, and cache it by dataset fingerprint + codec params.
 
-ISTR_SPEC §1: each GT instance mask is cropped to its GT box and resized to 28x28.
+docs/method.md#mask-embedding: each GT instance mask is cropped to its GT box and resized to 28x28.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PCA mask codec: ISTR's default closed-form mask embedding (ISTR_SPEC §1)."""
+"""PCA mask codec: ISTR's default closed-form mask embedding (docs/method.md#mask-embedding)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from istr.codecs.base import MASK_SIZE, MaskCodec, WhitenedPCA, masks_to_logits
 
 
 class PCACodec(MaskCodec):
-    """Top-``dim`` principal components of mask logits (ISTR_SPEC §1, default l = 60).
+    """Top-``dim`` principal components of mask logits (docs/method.md#mask-embedding, default l = 60).
 
     With linear encoder/decoder, maximising mask/reconstruction mutual
     information reduces to PCA, so the fit is closed form (float64 eigh of the

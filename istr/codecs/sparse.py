@@ -1,4 +1,4 @@
-"""Sparse-coding mask codec over a learned dictionary ("SMT"-like, ISTR_SPEC §1, 2022 version)."""
+"""Sparse-coding mask codec over a learned dictionary ("SMT"-like, docs/method.md#mask-embedding, 2022 version)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def fista(
 
 
 class SparseCodec(MaskCodec):
-    """Sparse codes over a learned dictionary, compressed to ``dim`` (ISTR_SPEC §1).
+    """Sparse codes over a learned dictionary, compressed to ``dim`` (docs/method.md#mask-embedding).
 
     Fit (in mask-logit space, +-4.6 as for PCA, mean-centred): ``num_atoms``
     unit-norm atoms ``D`` (over-complete w.r.t. the embedding: ``num_atoms >=

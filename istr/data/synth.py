@@ -1,6 +1,6 @@
 """Synthetic COCO-format instance-segmentation dataset ("shapes").
 
-The workbench's embedded default dataset (DESIGN.md, "Where the work runs"): small images of
+The workbench's embedded default dataset (docs/architecture.md#data-flow): small images of
 randomly coloured, rotated, overlapping shapes on textured backgrounds, written as standard COCO
 json + PNG files so that the same loader, codecs and COCOeval path run on it as on real COCO.
 

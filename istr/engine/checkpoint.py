@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, loaded for ``--resume`` (DESIGN.md, run dir contract)."""
+"""Checkpoints: written atomically, loaded for ``--resume`` (docs/architecture.md#results)."""
 
 from __future__ import annotations
 

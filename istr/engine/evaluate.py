@@ -1,4 +1,4 @@
-"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (ISTR_SPEC §6)."""
+"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (docs/method.md#evaluation)."""
 
 from __future__ import annotations
 

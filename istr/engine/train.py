@@ -1,7 +1,7 @@
-"""Training loop as plain functions (DESIGN.md, "Engine"): build -> train_step* -> evaluate.
+"""Training loop as plain functions (docs/architecture.md#data-flow): build -> train_step* -> evaluate.
 
 AdamW, linear warmup + multi-step decay, grad-norm clipping, bf16 autocast on CUDA, DDP under
-torchrun, atomic checkpoints, exact resume (ISTR_SPEC §5).
+torchrun, atomic checkpoints, exact resume (docs/method.md#training).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list[int], gamma: float) -> float:
-    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (ISTR_SPEC §5)."""
+    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (docs/method.md#training)."""
     factor = gamma ** sum(step >= s for s in lr_steps)
     if step < warmup_steps:
         alpha = step / warmup_steps

@@ -1,6 +1,6 @@
-"""One refinement stage of ISTR: self-attention + dynamic attention + FFN + heads (ISTR_SPEC §4).
+"""One refinement stage of ISTR: self-attention + dynamic attention + FFN + heads (docs/method.md#architecture).
 
-The attention type is an ablation axis (ISTR_SPEC §7.4), chosen from ``ATTENTIONS``.
+The attention type is an ablation axis (docs/method.md#ablations), chosen from ``ATTENTIONS``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 class DynamicConv(nn.Module):
-    """Dynamic attention of a query to its RoI (ISTR_SPEC §4.2, Sparse R-CNN's DynamicConv).
+    """Dynamic attention of a query to its RoI (docs/method.md#architecture, Sparse R-CNN's DynamicConv).
 
     A linear layer turns the query feature into the parameters of two 1x1 convs
     (d -> dynamic_dim -> d) applied to that query's RoI features, then flatten + Linear to d.
@@ -82,7 +82,7 @@ def _mlp_tower(dim: int, layers: int, activation: type[nn.Module]) -> nn.Sequent
 
 
 def apply_deltas(deltas: Tensor, boxes: Tensor, weights: tuple[float, ...] = (2.0, 2.0, 1.0, 1.0)) -> Tensor:
-    """Refine x1y1x2y2 ``boxes`` by (dx, dy, dw, dh) deltas with weights (2,2,1,1) (ISTR_SPEC §4)."""
+    """Refine x1y1x2y2 ``boxes`` by (dx, dy, dw, dh) deltas with weights (2,2,1,1) (docs/method.md#architecture)."""
     # Box arithmetic in float32 even under bf16 autocast: bf16 cannot hold pixel coordinates.
     deltas, boxes = deltas.float(), boxes.float()
     widths = boxes[:, 2] - boxes[:, 0]
@@ -137,7 +137,7 @@ class ISTRStage(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cls_tower = _mlp_tower(hidden_dim, 1, lambda: nn.ReLU(inplace=True))
         self.reg_tower = _mlp_tower(hidden_dim, 3, lambda: nn.ReLU(inplace=True))
-        # Mask head: 3 x (Linear-LN-ELU) + Linear -> l-d embedding (ISTR_SPEC §4, "Heads").
+        # Mask head: 3 x (Linear-LN-ELU) + Linear -> l-d embedding (docs/method.md#architecture, "Heads").
         self.mask_tower = _mlp_tower(hidden_dim, mask_head_layers, nn.ELU)
         self.class_logits = nn.Linear(hidden_dim, num_classes)
         self.box_deltas = nn.Linear(hidden_dim, 4)

@@ -1,4 +1,4 @@
-"""Inference: top-100 (query, class) pairs, decode embeddings, paste masks (ISTR_SPEC §4, "Inference").
+"""Inference: top-100 (query, class) pairs, decode embeddings, paste masks (docs/method.md#inference).
 
 No NMS: the set prediction is one-to-one. Mask decode and paste are batched over all detections.
 """

@@ -1,4 +1,4 @@
-"""Codec reconstruction report: the upper bound each mask-embedding arm can reach (ISTR_SPEC §1, §7.1).
+"""Codec reconstruction report: the upper bound each mask-embedding arm can reach (docs/method.md#mask-embedding).
 
 For every (codec type, dim) the codec is fitted on the TRAIN split's box crops (or loaded from the
 fingerprinted cache, ``istr.codecs.fit``) and scored on the VAL split's non-crowd GT instances:
@@ -211,7 +211,7 @@ def codec_report(
 def codec_report_pairs(
     cfg: Config, pairs: list[tuple[str, int]], out_dir: Path | None = None, max_val_images: int = 0
 ) -> pd.DataFrame:
-    """One row per (type, dim) pair: reconstruction IoU and oracle segm AP on the val split (ISTR_SPEC §7.1).
+    """One row per (type, dim) pair: reconstruction IoU and oracle segm AP on the val split (docs/method.md#ablations).
 
     Codecs are fitted on the train split with ``cfg.codec`` (type/dim replaced; ``params`` filtered per
     type) and cached under ``cfg.cache_dir``. ``max_val_images > 0`` scores only the first that many val

@@ -1,4 +1,4 @@
-"""Trial records: ``results.csv`` rows (DESIGN.md "Sweep results row") and ``sweep_status``.
+"""Trial records: ``results.csv`` rows (columns in istr/results.py) and ``sweep_status``.
 
 ``results.csv`` is rebuilt from the storage + run dirs (never appended), one row per completed
 cell, and written atomically, so any number of workers may rewrite it and a reader never sees a
