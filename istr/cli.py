@@ -84,10 +84,10 @@ def _predict(args: argparse.Namespace) -> None:
         print(path)
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from istr.engine.demo import run_demo
+def _quickstart(args: argparse.Namespace) -> None:
+    from istr.engine.quickstart import run_quickstart
 
-    summary = run_demo(Path(args.config), Path(args.out), args.overrides)
+    summary = run_quickstart(Path(args.config), Path(args.out), args.overrides)
     print(summary.read_text())
     print(f"results written to {args.out}/ (summary.md, predictions/, runs/)")
 
@@ -147,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parsers(sub)
     add_ablate_parser(sub)
 
-    p = sub.add_parser("demo", help="the main job: tiny preset on generated data -> eval + overlays")
+    p = sub.add_parser("quickstart", help="train + evaluate ONE model (tiny preset) -> summary.md with overlays")
     p.add_argument("--config", default="experiments/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--out", default="results")
-    p.set_defaults(func=_demo)
+    p.add_argument("--out", default="results/quickstart")
+    p.set_defaults(func=_quickstart)
     return parser
 
 

@@ -1,4 +1,6 @@
-"""The main job behind ``make demo``: generated data -> tiny ISTR -> COCO eval -> overlays -> summary.
+"""``istr quickstart``: one model, start to end: generated data -> tiny ISTR -> COCO eval -> overlays -> summary.
+
+The main job (``make demo``) is the ablation, ``istr ablate``; this trains a single model.
 
 Re-running it reuses a finished run and resumes an interrupted one (nothing is lost or redone).
 """
@@ -25,7 +27,7 @@ def format_eval_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config: Path, out_dir: Path, overrides: list[str], num_overlays: int = 4) -> Path:
+def run_quickstart(config: Path, out_dir: Path, overrides: list[str], num_overlays: int = 4) -> Path:
     cfg = load_config(config, overrides)
     run_dir = out_dir / "runs" / f"{config.stem}-{config_hash(cfg)}"
     if not (run_dir / "eval.json").is_file():
@@ -37,7 +39,7 @@ def run_demo(config: Path, out_dir: Path, overrides: list[str], num_overlays: in
     overlays = predict_images(run, val_images, out_dir / "predictions", score_threshold=0.1)
     summary = out_dir / "summary.md"
     atomic_write_text(summary, "\n".join([
-        f"# Demo: `{config}` ({cfg.train.max_steps} steps)", "",
+        f"# Quickstart: `{config}` ({cfg.train.max_steps} steps)", "",
         format_eval_table(metrics), "",
         f"run dir: `{run_dir}`", "",
         *[f"![prediction]({p.relative_to(out_dir)})" for p in overlays], "",
