@@ -23,8 +23,9 @@ from istr.sweep.cli import add_parsers
 from istr.sweep.spec import cell_identity
 from istr.sweep.storage import open_storage
 
+from .conftest import REPO, free_port
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_setup(tmp_path: Path, cfg_factory, values: list[str], *extra: str) -> tuple[Path, Path]:
@@ -227,14 +228,6 @@ def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
         args.func(args)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def postgres_url():
     """A throwaway PostgreSQL server (initdb + pg_ctl on a free loopback port), stopped at teardown."""
@@ -251,7 +244,7 @@ def postgres_url():
             pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
                    check=True, capture_output=True)
     opts = f"-k {base} -p {port} -c listen_addresses=127.0.0.1"
