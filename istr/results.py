@@ -20,6 +20,15 @@ COLUMNS = [
 NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s", "train_s", "trial", "codec_dim", "codec_iou"]
 
 
+def flat_metrics(eval_json: dict[str, Any]) -> dict[str, float | None]:
+    """``eval.json`` (``{"segm": {"AP": ...}, "bbox": {...}}``) -> ``{"segm_AP": ..., ...}``, every METRICS name.
+
+    A metric the file lacks is None (undefined), never 0.
+    """
+    sections = {kind: eval_json.get(kind) if isinstance(eval_json.get(kind), dict) else {} for kind in IOU_TYPES}
+    return {f"{kind}_{name}": sections[kind].get(name) for kind in ("segm", "bbox") for name in AP_NAMES}
+
+
 def arm_name(params: dict[str, Any]) -> str:
     """A cell's arm from its swept parameters: ``codec.type=dct`` -> ``dct``; several keys -> ``k=v,k=v``."""
     axis = {k: v for k, v in params.items() if k != "seed"}

@@ -31,6 +31,7 @@ from istr.matcher import MASK_COSTS, build_matcher
 from istr.model import build_model
 from istr.model.head import ATTENTIONS
 from istr.registry import pick
+from istr.results import flat_metrics
 from istr.targets import prepare_targets
 
 log = logging.getLogger(__name__)
@@ -289,8 +290,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         result: dict = {}
         if info.is_main:
             result = evaluate_run(cfg, model, codec, info.device, run_dir)
-            flat = {f"{t}_{k}": v for t, m in result.items() for k, v in m.items()}
-            sink.summary({**flat, "train_seconds": train_seconds, "steps": step})
+            sink.summary({**flat_metrics(result), "train_seconds": train_seconds, "steps": step})
             atomic_write_json(
                 run_dir / "train_summary.json",
                 {

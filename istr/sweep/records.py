@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text
-from istr.results import AP_NAMES, COLUMNS, IOU_TYPES
+from istr.results import COLUMNS, flat_metrics
 from istr.sweep.storage import file_lock, open_storage, study_dir
 
 TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, finished_at
@@ -71,10 +71,8 @@ def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:
         "codec_type": codec.get("type"),
         "codec_dim": codec.get("dim"),
         "codec_iou": codec.get("mask_iou"),
+        **flat_metrics(ev),
     }
-    for task in IOU_TYPES:
-        for m in AP_NAMES:
-            row[f"{task}_{m}"] = ev.get(task, {}).get(m)
     return row
 
 
