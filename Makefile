@@ -1,10 +1,11 @@
-# The two README commands: `make demo` (main job) and `make test` (test suite, what CI runs).
+# The two README commands: `make demo` (main job: the ablation) and `make test` (the whole suite, what CI
+# runs); `make test-fast` is the unit tier (tests not marked slow), the loop while editing.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +21,19 @@ demo: $(STAMP)
 	$(BIN)/python -m istr ablate --preset tiny --seeds 2 --workers 2 --set train.max_steps=60 \
 	  --set train.checkpoint_every=60 --name demo --out results
 
-# pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: $(STAMP)
+# ruff, then pytest with the given marker selection. pytest exits 5 when it collected no test: that is
+# a failure here, not a pass.
+define lint_and_test
 	$(BIN)/ruff check istr analysis tests
-	$(BIN)/python -m pytest -q -ra tests; rc=$$?; \
+	$(BIN)/python -m pytest -q -ra $(1) tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+endef
+
+test: $(STAMP)
+	$(call lint_and_test,)
+
+test-fast: $(STAMP)
+	$(call lint_and_test,-m "not slow")
 
 lint: $(STAMP)
 	$(BIN)/ruff check istr analysis tests

@@ -1,1 +1,1 @@
-"""Turn finished sweep trials into the paper's tables and figures (DESIGN.md, "analysis/")."""
+"""Turn finished sweep trials into the paper's tables and figures (docs/architecture.md#layers)."""

@@ -1,4 +1,4 @@
-"""Load sweep results (`runs/sweeps/<study>/results.csv`) into one DataFrame (DESIGN.md, "Sweep results row")."""
+"""Load sweep results (`runs/sweeps/<study>/results.csv`, columns in `istr.results`) into one DataFrame."""
 
 from __future__ import annotations
 
@@ -13,17 +13,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-METRICS = [f"{kind}_{m}" for kind in ("segm", "bbox") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-COLUMNS = [
-    "study", "axis", "arm", "cell_id", "seed", "preset", "status", *METRICS,
-    "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
-    "codec_type", "codec_dim", "codec_iou",
-]  # fmt: skip
-NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s", "codec_dim", "codec_iou"]
-STRING = [
-    "study", "axis", "arm", "cell_id", "preset", "status", "device", "run_dir", "wandb_run_id", "finished_at",
-    "codec_type",
-]  # fmt: skip
+from istr.results import COLUMNS, NUMERIC, arm_name
+
+STRING = [c for c in COLUMNS if c not in NUMERIC and c != "seed"]
 
 
 class NoResultsError(FileNotFoundError):
@@ -90,13 +82,6 @@ def load_codec_report(path: Path | None) -> pd.DataFrame | None:
     if path is None or not Path(path).is_file():
         return None
     return pd.read_csv(path)
-
-
-def arm_name(values: Mapping[str, Any]) -> str:
-    """An arm's name as the sweep harness writes it: the value itself for one swept key, `k=v,k=v` for several."""
-    if len(values) == 1:
-        return str(next(iter(values.values())))
-    return ",".join(f"{k}={v}" for k, v in values.items())
 
 
 def _spec_preset(spec: Path, raw: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """The paper's ablation figures as PNG + PDF: per axis mask AP per arm (95% t-CI over seeds), learning curves
-per arm, mask AP and reconstruction IoU vs codec dimension, and prediction overlays (default arm vs another).
+per arm, mask AP and reconstruction IoU vs codec dimension. Only result files are read; the prediction
+overlays, which run models, are drawn by `istr.reports.overlays` (called by `istr ablate`).
 
 CLI: `python -m analysis.plots --runs runs/sweeps [--studies a,b] [--codec-report CSV] --out results/figures/`.
 """
@@ -87,7 +88,8 @@ def learning_curves(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | N
 
 
 def codec_dim_figure(df: pd.DataFrame, report: pd.DataFrame | None) -> plt.Figure | None:
-    """Trained mask AP vs codec dim (the `embedding_dim` axis) beside reconstruction IoU vs dim (ISTR_SPEC §7.1).
+    """Trained mask AP vs codec dim (the `embedding_dim` axis) beside reconstruction IoU vs dim
+    (docs/method.md#ablations).
 
     IoU comes from `istr codec-report` (val split, every codec type in it) or, without a report, from the
     trials' own codec fit (train split). None when neither has two or more dims.
@@ -116,7 +118,8 @@ def codec_dim_figure(df: pd.DataFrame, report: pd.DataFrame | None) -> plt.Figur
     return fig
 
 
-def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+def save_figure(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+    """``fig`` as ``out/<stem>.png`` and ``.pdf`` (closed afterwards)."""
     paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
         fig.savefig(path, dpi=150)
@@ -125,30 +128,21 @@ def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
 
 
 def write_figures(
-    df: pd.DataFrame,
-    out: Path,
-    codec_report: pd.DataFrame | None = None,
-    overlay_images: int = 3,
-    defaults: Mapping[str, str] | None = None,
+    df: pd.DataFrame, out: Path, codec_report: pd.DataFrame | None = None, defaults: Mapping[str, str] | None = None
 ) -> list[Path]:
-    """Every figure the frame supports; `overlay_images=0` skips the prediction overlays (they load models).
+    """Every figure the results frame supports (the prediction overlays run models: `istr.reports.overlays`).
 
     `defaults`: {axis: default arm} (`analysis.stats.default_arm`)."""
-    from analysis.overlays import overlay_grid
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for axis in sorted(df["axis"].dropna().unique()):
-        written += _save(axis_pointplot(df, axis, defaults=defaults), out, f"{axis}_mask_ap")
+        written += save_figure(axis_pointplot(df, axis, defaults=defaults), out, f"{axis}_mask_ap")
         curves = learning_curves(df, axis, defaults)
         if curves is not None:
-            written += _save(curves, out, f"{axis}_learning_curves")
-        grid = overlay_grid(df, axis, overlay_images, defaults) if overlay_images else None
-        if grid is not None:
-            written += _save(grid, out, f"{axis}_overlays")
+            written += save_figure(curves, out, f"{axis}_learning_curves")
     dims = codec_dim_figure(df, codec_report)
     if dims is not None:
-        written += _save(dims, out, "codec_dim")
+        written += save_figure(dims, out, "codec_dim")
     return written
 
 

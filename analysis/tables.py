@@ -180,7 +180,7 @@ def _best_labels(means: dict[str, dict[str, float]], columns) -> dict[str, list[
 def codec_table(
     df: pd.DataFrame, report: pd.DataFrame | None, defaults: Mapping[str, str] | None = None
 ) -> pd.DataFrame | None:
-    """Each trained codec's reconstruction upper bound beside its trained mask AP (ISTR_SPEC §7.1).
+    """Each trained codec's reconstruction upper bound beside its trained mask AP (docs/method.md#ablations).
 
     Rows = the (type, dim) codecs of the embedding axes' trials, the preset's default codec first; columns =
     val reconstruction IoU and oracle mask AP from `istr codec-report` (`report`; "—" when absent), the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from analysis.load import METRICS, arm_name
+from istr.results import METRICS, arm_name
 
 
 def _unwrap(config: dict[str, Any]) -> dict[str, Any]:

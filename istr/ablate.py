@@ -7,6 +7,9 @@ the n at which a two-sided paired t-test detects D AP with power 0.8 (``analysis
 axis is then run to that n, capped so the job fits H hours at the pilot's measured cost per cell. The rule is
 declared before the pilot (printed and written to ``<out>/seed_rule.json``) and never looks at a p-value: p-values
 are read once, at the end, to say which arms could not be separated.
+
+A command (docs/architecture.md#layers): it may use the sweep harness, the analysis package and the
+reports, none of which import each other.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def pilot_sd(df: pd.DataFrame, axis: str, base: str) -> float:
 
 def axis_defaults(axes: list[str], preset: Path, sets: list[str]) -> dict[str, str]:
     """{axis: default arm}: the preset's own value of each spec's axis keys, named as the harness names arms."""
-    from istr.sweep.spec import arm_name, load_spec
+    from istr.results import arm_name
+    from istr.sweep.spec import load_spec
 
     cfg = load_config(preset, sets)
     return {
@@ -118,28 +122,6 @@ def declare_rule(args: argparse.Namespace, axes: list[str]) -> dict[str, Any]:
     )
     return {"mode": "auto", "rule": rule, "axes": axes, "pilot_seeds": PILOT_SEEDS, "delta": args.delta,
             "alpha": ALPHA, "power": POWER, "budget_hours": args.budget_hours, "workers": args.workers}  # fmt: skip
-
-
-def codec_upper_bounds(preset: Path, sets: list[str], root: Path, studies: list[str], out: Path) -> Path | None:
-    """``istr codec-report`` for every codec the embedding studies trained -> ``out/codec_report.csv``.
-
-    The reconstruction upper bound of the paper's mask-embedding table (ISTR_SPEC §7.1); None when the
-    studies hold no codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
-    """
-    from analysis.load import NoResultsError, load_results
-    from analysis.tables import CODEC_AXES
-    from istr.codecs.report import codec_report_pairs
-
-    try:
-        df = load_results(root, studies)
-    except NoResultsError:
-        return None
-    codecs = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
-    pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
-    if not pairs:
-        return None
-    codec_report_pairs(load_config(preset, sets), pairs, out)
-    return out / "codec_report.csv"
 
 
 def _run_axes(
@@ -217,6 +199,9 @@ def ablate_command(args: argparse.Namespace) -> None:
     """The axis sweeps (fixed or ``--seeds auto`` seeds, module docstring), then the tables and figures."""
     from analysis import plots, tables
     from analysis.load import load_codec_report, load_results
+    from analysis.tables import CODEC_AXES
+    from istr.reports.codec import codec_upper_bounds
+    from istr.reports.overlays import write_overlays
     from istr.sweep.spec import resolve_preset
 
     if (args.seeds == "auto") != (args.budget_hours is not None):
@@ -242,9 +227,10 @@ def ablate_command(args: argparse.Namespace) -> None:
     df = load_results(root, studies)
     rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
     atomic_write_json(rule_path, rule)
-    report = load_codec_report(codec_upper_bounds(preset, args.sets, root, studies, out))
+    report = load_codec_report(codec_upper_bounds(load_config(preset, args.sets), df, CODEC_AXES, out))
     print(tables.format_tables(tables.write_tables(df, out, report, defaults, rule)))
     plots.write_figures(df, out / "figures", report, defaults=defaults)
+    write_overlays(df, out / "figures", defaults=defaults)
     print_separation(df, axes, defaults)
     print(f"results: tables in {out}/ (*.md, *.tex, *.csv), figures in {out / 'figures'}/, seed rule in {rule_path}")
 
@@ -263,12 +249,12 @@ def _seeds(text: str) -> int | str:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``istr ablate`` (the sweep options of ``istr sweep``, and ``--seeds N|auto``)."""
-    from istr.sweep.cli import _common
+    from istr.sweep.cli import add_common_arguments
 
     p = sub.add_parser("ablate", conflict_handler="resolve",
                        help="the ablation sweeps (embedding, embedding_dim, mask_cost, loss, attention) as one job, "
                        "then the tables and figures")  # fmt: skip
-    _common(p)
+    add_common_arguments(p)
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="seeds per arm: N (0..N-1) or 'auto' (a pilot of 3, then the n that detects --delta; "
                    "needs --budget-hours). Default: each spec's seed grid")  # fmt: skip

@@ -1,4 +1,4 @@
-"""``istr`` entry point: subcommands dispatch to the library; no logic here (DESIGN.md)."""
+"""``istr`` entry point: subcommands dispatch to the library; no logic here (docs/architecture.md#layers)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,14 @@ def _fit_codec(args: argparse.Namespace) -> None:
 
 
 def _codec_report(args: argparse.Namespace) -> None:
-    from istr.codecs.report import codec_report, format_markdown
+    from istr.codecs import CODECS
     from istr.config import load_config
     from istr.data.build import ensure_dataset
+    from istr.reports.codec import codec_report, format_markdown
 
     cfg = load_config(args.config, args.overrides)
     ensure_dataset(cfg.data)
-    types = args.types.split(",")
+    types = args.types.split(",") if args.types else list(CODECS)
     dims = [int(d) for d in args.dims.split(",")]
     report = codec_report(cfg, types, dims, Path(args.out), args.max_val_images)
     print(format_markdown(report))
@@ -93,10 +94,10 @@ def _predict(args: argparse.Namespace) -> None:
     predict_images(run, [Path(p) for p in args.images], Path(args.out), args.score_threshold, json_path, print)
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from istr.engine.demo import run_demo
+def _quickstart(args: argparse.Namespace) -> None:
+    from istr.engine.quickstart import run_quickstart
 
-    summary = run_demo(Path(args.config), Path(args.out), args.overrides)
+    summary = run_quickstart(Path(args.config), Path(args.out), args.overrides)
     print(summary.read_text())
     print(f"results written to {args.out}/ (summary.md, predictions/, runs/)")
 
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codec-report", help="reconstruction IoU + oracle segm AP of mask codecs on the val masks")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--types", default="pca,dct,sparse,ae")
+    p.add_argument("--types", default=None, help="comma-separated codec types (default: every registered codec)")
     p.add_argument("--dims", default="20,40,60,80,100")
     p.add_argument("--out", default="results/codec_report")
     p.add_argument("--max-val-images", type=int, default=0, help="0 = all val images")
@@ -163,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parsers(sub)
     add_ablate_parser(sub)
 
-    p = sub.add_parser("demo", help="the main job: tiny preset on generated data -> eval + overlays")
+    p = sub.add_parser("quickstart", help="train + evaluate ONE model (tiny preset) -> summary.md with overlays")
     p.add_argument("--config", default="experiments/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--out", default="results")
-    p.set_defaults(func=_demo)
+    p.add_argument("--out", default="results/quickstart")
+    p.set_defaults(func=_quickstart)
     return parser
 
 
@@ -177,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     from istr.config import ConfigError
     from istr.data.coco import DatasetError
     from istr.engine.train import NonFiniteLossError
+    from istr.registry import UnknownArmError
 
     try:
         args.func(args)
-    except (ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, UnknownArmError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
         print(f"istr {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""Hungarian matching of ISTR_SPEC §2, modelled on DETR's matcher.
+"""Hungarian matching of docs/method.md#matching-cost, modelled on DETR's matcher.
 
 Pairwise cost functions ``cost(pred, target, codec) -> [N, M]`` over flattened predictions and
 concatenated targets; the mask term is an ablation axis (``MASK_COSTS``). All stages and images of
@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import generalized_box_iou
 
+from istr.registry import pick
 from istr.targets import BatchTargets
 
 Pred = dict[str, Tensor]
@@ -22,7 +23,7 @@ CostFn = Callable[[Pred, BatchTargets, torch.nn.Module], Tensor]
 
 
 def focal_class_cost(pred: Pred, target: BatchTargets, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """C_cls: focal-style cost on the GT class probability (ISTR_SPEC §2, as Sparse R-CNN)."""
+    """C_cls: focal-style cost on the GT class probability (docs/method.md#matching-cost, as Sparse R-CNN)."""
     prob = pred["logits"].sigmoid()
     neg = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
     pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
@@ -40,7 +41,7 @@ def giou_box_cost(pred: Pred, target: BatchTargets) -> Tensor:
 
 
 def cosine_mask_cost(pred: Pred, target: BatchTargets, codec: torch.nn.Module) -> Tensor:
-    """Eq. (mask cost): 1 - (s+1)/2 with s the cosine of L2-normalised embeddings (ISTR_SPEC §2)."""
+    """Eq. (mask cost): 1 - (s+1)/2 with s the cosine of L2-normalised embeddings (docs/method.md#matching-cost)."""
     similarity = F.normalize(pred["codes"], dim=-1) @ F.normalize(target.codes, dim=-1).T
     return 1 - (similarity + 1) / 2
 
@@ -75,7 +76,7 @@ Indices = list[tuple[Tensor, Tensor]]
 
 
 class HungarianMatcher:
-    """C = l_cls C_cls + l_L1 C_L1 + l_giou C_giou + l_mask C_mask, one-to-one per image (ISTR_SPEC §2)."""
+    """C = l_cls C_cls + l_L1 C_L1 + l_giou C_giou + l_mask C_mask, one-to-one per image (docs/method.md)."""
 
     def __init__(
         self,
@@ -88,9 +89,7 @@ class HungarianMatcher:
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
-        if mask_cost not in MASK_COSTS:
-            raise ValueError(f"unknown mask cost {mask_cost!r}; valid: {', '.join(MASK_COSTS)}")
-        self.codec, self.mask_cost = codec, MASK_COSTS[mask_cost]
+        self.codec, self.mask_cost = codec, pick(MASK_COSTS, mask_cost, "matcher.mask_cost")
         self.cost_class, self.cost_l1, self.cost_giou, self.cost_mask = cost_class, cost_l1, cost_giou, cost_mask
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 

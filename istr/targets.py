@@ -1,6 +1,6 @@
 """Ground truth in the form matching and the loss need: flat tensors + 28x28 box crops + codes.
 
-Built once per batch and shared by every stage's matching and loss (ISTR_SPEC §2-3).
+Built once per batch and shared by every stage's matching and loss (docs/method.md#matching-cost, #loss).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from istr.codecs.base import MASK_SIZE
 
-def crop_masks(masks: Tensor, boxes: Tensor, size: int = 28) -> Tensor:
-    """Crop each [H,W] mask to its x1y1x2y2 box and resize to size x size -> {0,1} float (ISTR_SPEC §1).
+
+def crop_masks(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE) -> Tensor:
+    """Crop each [H,W] mask to its x1y1x2y2 box, resize to size x size -> {0,1} float (docs/method.md#mask-embedding).
 
     RoIAlign on the binary mask then threshold at 0.5, as detectron2's ``crop_and_resize``.
     """
@@ -45,10 +47,9 @@ def prepare_targets(
     targets: list[dict], image_sizes: Tensor, codec: torch.nn.Module, device: torch.device
 ) -> BatchTargets:
     """Per-image target dicts (data loader) -> one :class:`BatchTargets` on ``device``."""
-    size = getattr(codec, "mask_size", 28)
     image_scale = image_sizes.flip(1).repeat(1, 2).float().to(device)
     boxes = [t["boxes"].to(device).float() for t in targets]
-    masks = torch.cat([crop_masks(t["masks"].to(device), b, size) for t, b in zip(targets, boxes)])
+    masks = torch.cat([crop_masks(t["masks"].to(device), b, MASK_SIZE) for t, b in zip(targets, boxes)])
     sizes = [len(b) for b in boxes]
     scales = torch.cat([image_scale[i].expand(n, 4) for i, n in enumerate(sizes)])
     all_boxes = torch.cat(boxes)

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from istr.config import to_yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def write_setup(tmp_path: Path, cfg_factory, values: list[str], *extra: str) -> tuple[Path, Path]:

@@ -14,8 +14,7 @@ from analysis.stats import mde_effect_size, needed_n
 from istr import ablate
 from istr.ablate import AXES, PILOT_SEEDS, axis_defaults, new_cells, pilot_sd, plan_seeds
 from istr.cli import build_parser, main
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def _in_tmp_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -85,7 +84,7 @@ def test_budget_and_auto_go_together(argv: list[str], tmp_path: Path, capsys: py
 @pytest.mark.slow
 def test_seeds_auto_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch, capsys):
     """Pilot of 3 seeds, a pilot SD that needs 4 pairs, every arm run to 4; the rule file and the footnote."""
-    from tests.test_sweep import write_setup
+    from tests.sweep_helpers import write_setup
 
     write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])  # base.yaml + loss.yaml with two arms
     _in_tmp_cwd(monkeypatch, tmp_path)
@@ -115,9 +114,9 @@ def test_seeds_auto_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_ablate_runs_axes_then_writes_tables_and_figures(tmp_path, tiny_cfg_factory, monkeypatch):
-    """Issue 6 end to end: `istr ablate` -> per-axis tables, the codec upper-bound table (with a real codec
+    """End to end: `istr ablate` -> per-axis tables, the codec upper-bound table (with a real codec
     report), learning curves, the codec-dim figure and prediction overlays from the trials' checkpoints."""
-    from tests.test_sweep import write_setup
+    from tests.sweep_helpers import write_setup
 
     preset, _ = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
     (tmp_path / "sweeps").mkdir()  # the tiny test codec is 16-d: sweep dims 8 and 16 (cwd sweeps/ come first)

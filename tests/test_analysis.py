@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.load import COLUMNS, METRICS, NoResultsError, load_results, normalize, read_axes
+from analysis.load import COLUMNS, NoResultsError, load_results, normalize, read_axes
 from analysis.stats import default_arm, mde, paired_vs_default, summarize
 from analysis.tables import DASH, axis_table, main, to_csv, to_latex, to_markdown
+from istr.results import METRICS
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = read_axes(REPO / "sweeps")[1]  # the tiny preset's own values of the axis keys
 BASE_VALUES = {0: 30.0, 1: 31.5, 2: 29.0}
 OTHER_VALUES = {0: 32.0, 1: 32.1, 2: 30.5}
@@ -252,9 +253,12 @@ def test_tables_cli_writes_codec_table_from_report(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "embedding_dim.md").is_file()
 
 
-def test_source_wandb_needs_entity_and_project() -> None:
-    with pytest.raises(SystemExit):
-        main(["--source", "wandb"])
+@pytest.mark.parametrize("extra", [[], ["--entity", "e"]], ids=["nothing", "no-project"])
+def test_source_wandb_needs_entity_and_project(extra, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", "wandb", *extra])
+    assert exit_info.value.code == 2  # argparse's usage error, before any W&B call
+    assert "--entity and --project" in capsys.readouterr().err
 
 
 def test_numeric_arms_sort_numerically_after_the_default() -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from istr.cli import main
 from istr.config import to_yaml
 
+from .conftest import REPO
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sweep_overhead_writes_json_and_reuse_trains_nothing(tmp_path, tiny_cfg_factory, capsys):

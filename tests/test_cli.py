@@ -1,4 +1,4 @@
-"""The ``istr`` command line: synth, fit-codec, train, eval, predict, demo, and its error messages."""
+"""The ``istr`` command line: synth, fit-codec, train, eval, predict, quickstart, and its error messages."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_unknown_key_is_a_clear_error(tmp_path, capsys):
     assert "did you mean 'model.num_queries'" in capsys.readouterr().err
 
 
-def test_train_eval_predict_demo(tiny_cfg, synth_root, tmp_path, capsys):
+def test_train_eval_predict_quickstart(tiny_cfg, synth_root, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(to_yaml(tiny_cfg))
     run_dir = tmp_path / "run"
@@ -44,6 +44,6 @@ def test_train_eval_predict_demo(tiny_cfg, synth_root, tmp_path, capsys):
     width, height = Image.open(image).size
     assert overlay.size[0] % width == 0 and overlay.size[0] // width == overlay.size[1] // height
 
-    assert main(["demo", "--config", str(config), "--out", str(tmp_path / "results"), "train.max_steps=2"]) == 0
+    assert main(["quickstart", "--config", str(config), "--out", str(tmp_path / "results"), "train.max_steps=2"]) == 0
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| segm |" in summary and len(list((tmp_path / "results" / "predictions").glob("*.png"))) == 4

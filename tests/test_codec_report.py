@@ -1,4 +1,4 @@
-"""Codec reconstruction report (ISTR_SPEC §7.1): IoU + oracle segm AP per (codec type, dim).
+"""Codec reconstruction report (docs/method.md#ablations): IoU + oracle segm AP per (codec type, dim).
 
 Runs on conftest's tiny generated dataset: 16 train images with 30 masks (so PCA supports at most
 dim 29: it needs more samples than components), 6 val images with 11 masks, all COCO-"small".
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from istr.codecs.report import COLUMNS, SIZE_RANGES, codec_report, format_markdown, write_report
 from istr.data.build import split_paths
+from istr.reports.codec import COLUMNS, SIZE_RANGES, codec_report, format_markdown, write_report
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_impossible_arms_give_notes_not_exceptions(tiny_cfg) -> None:
     assert len(df) == 3
     assert "dim must be in [1, 784]" in row(df, "dct", 5000)["note"]
     assert "dim must be in [1, 784]" in row(df, "sparse", 5000)["note"]
-    assert "unknown codec type" in row(df, "nope", 5000)["note"]
+    assert "codec.type='nope' is not a known arm; valid: pca" in row(df, "nope", 5000)["note"]
     assert df["mask_iou"].isna().all() and df["oracle_segm_AP"].isna().all()
 
 

@@ -1,4 +1,4 @@
-"""Tests of the mask codecs (ISTR_SPEC §1; DESIGN.md contract "Codec").
+"""Tests of the mask codecs (docs/method.md#mask-embedding).
 
 Masks are generated here (seeded): rotated filled ellipses, rings and
 triangles that roughly fill the 28x28 frame, like GT masks cropped to their
@@ -8,7 +8,6 @@ boxes. Codecs are fitted on 500 masks and scored on 200 held-out masks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,8 @@ from PIL import Image, ImageDraw
 from istr.codecs import CODECS, AECodec, DCTCodec, PCACodec, SparseCodec, build_codec, load_codec, mask_iou
 from istr.codecs.base import MASK_EPS, MaskCodec, masks_to_logits
 from istr.codecs.dct import zigzag_indices
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIM = 60
 SIZE = 28
@@ -70,17 +71,6 @@ def make_masks(n: int, seed: int, supersample: int = 4) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    # On a shared 2-core box, multi-threaded LAPACK (eigh/SVD) can stall for
-    # seconds when the other core is busy; one thread keeps the module fast
-    # and makes the fits bit-reproducible.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def train_masks() -> torch.Tensor:
     return make_masks(500, seed=0)
@@ -99,8 +89,7 @@ def fitted(request: pytest.FixtureRequest, train_masks: torch.Tensor) -> Fitted:
     return name, codec, stats
 
 
-def test_registry_and_unknown_type() -> None:
-    assert set(CODECS) == {"pca", "dct", "sparse", "ae"}
+def test_unknown_type_lists_valid_names() -> None:
     with pytest.raises(ValueError) as err:
         build_codec("wavelet", DIM)
     assert all(name in str(err.value) for name in CODECS)
@@ -155,10 +144,6 @@ def test_save_load_roundtrip(fitted: Fitted, test_masks: torch.Tensor, tmp_path:
     assert [p.name for p in path.parent.iterdir()] == ["codec.pt"]  # no temp file left
     loaded = load_codec(path)
     assert type(loaded) is type(codec) and loaded.fitted and loaded.dim == DIM
-    assert type(type(codec).load(path)) is type(codec)
-    other = DCTCodec if type(codec) is not DCTCodec else PCACodec
-    with pytest.raises(ValueError, match="not a"):
-        other.load(path)
     assert not any(p.requires_grad for p in loaded.parameters())
     codes = codec.encode(test_masks[:9])
     assert torch.equal(loaded.encode(test_masks[:9]), codes)

@@ -1,4 +1,4 @@
-"""Tests of inference: mask pasting and top-k post-processing (ISTR_SPEC §4, "Inference")."""
+"""Tests of inference: mask pasting and top-k post-processing (docs/method.md#inference)."""
 
 from __future__ import annotations
 

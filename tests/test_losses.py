@@ -1,4 +1,4 @@
-"""Tests of the set prediction loss (ISTR_SPEC §3; DESIGN.md contract "Criterion").
+"""Tests of the set prediction loss (docs/method.md#loss).
 
 A perfect prediction (GT boxes, GT codes, confident right classes) must score ~0 on every term and a
 perturbed one clearly more; deep supervision must add suffixed terms per stage, matched anew; the

@@ -1,4 +1,4 @@
-"""Tests of the ISTR model (ISTR_SPEC §4; DESIGN.md contract "Model output").
+"""Tests of the ISTR model (docs/method.md#architecture).
 
 Uses the tiny config of conftest.py: resnet18, hidden_dim d = 32, dynamic_dim 8, k = 8 queries,
 2 stages, codec dim 16.

@@ -46,6 +46,6 @@ def test_codec_dim_figure_and_write_figures(tmp_path: Path) -> None:
     fig = codec_dim_figure(df, report)
     assert "codec-report" in fig.axes[1].get_title()
     assert "trial codec fit" in codec_dim_figure(df, None).axes[1].get_title()
-    names = {p.name for p in write_figures(df, tmp_path / "figures", report, overlay_images=0)}
+    names = {p.name for p in write_figures(df, tmp_path / "figures", report)}
     expected = {"embedding_dim_mask_ap", "embedding_dim_learning_curves", "codec_dim"}
     assert {f"{stem}.{ext}" for stem in expected for ext in ("png", "pdf")} == names

@@ -18,9 +18,9 @@ from pycocotools.cocoeval import COCOeval
 
 from istr.cli import main
 from istr.config import load_config
-from istr.engine.evaluate import IOU_TYPES, STAT_NAMES
 from istr.engine.predict import detection_summary, draw_overlay
 from istr.engine.train import train
+from istr.results import AP_NAMES, IOU_TYPES
 
 from .conftest import tiny_overrides
 
@@ -87,7 +87,7 @@ def _plain_cocoeval(gt_json: Path, detections: list[dict]) -> dict[str, dict[str
             evaluator.accumulate()
             evaluator.summarize()
             scores[iou_type] = {n: None if v < 0 else round(100 * float(v), 3)
-                                for n, v in zip(STAT_NAMES, evaluator.stats[:6])}
+                                for n, v in zip(AP_NAMES, evaluator.stats[:6])}
     return scores
 
 

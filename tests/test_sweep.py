@@ -22,7 +22,9 @@ from istr.sweep import load_spec, run_sweep, sweep_status
 from istr.sweep.cli import add_parsers
 from istr.sweep.spec import cell_identity
 from istr.sweep.storage import open_storage
-from tests.sweep_helpers import REPO, cell_dirs, metrics_lines, read_rows, wandb_run, write_setup
+from tests.sweep_helpers import cell_dirs, metrics_lines, read_rows, wandb_run, write_setup
+
+from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 

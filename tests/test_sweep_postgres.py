@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,8 @@ from optuna.trial import TrialState
 
 from istr.sweep import run_sweep, sweep_status
 from istr.sweep.storage import open_storage
-from tests.sweep_helpers import REPO, cell_dirs, metrics_lines, read_rows, write_setup
+from tests.conftest import REPO, free_port
+from tests.sweep_helpers import cell_dirs, metrics_lines, read_rows, write_setup
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 def _pg_binary(name: str) -> str | None:
     found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found if isinstance(found, str) else (found[-1] if found else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -47,7 +41,7 @@ def postgres_url():
             pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
                    check=True, capture_output=True)
     opts = f"-k {base} -p {port} -c listen_addresses=127.0.0.1"

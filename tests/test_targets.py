@@ -1,4 +1,4 @@
-"""Tests of the ground-truth preparation shared by matching and the loss (ISTR_SPEC §1-3)."""
+"""Tests of the ground-truth preparation shared by matching and the loss (docs/method.md#mask-embedding, #loss)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from istr.config import to_yaml
 from istr.engine.train import NonFiniteLossError, lr_factor, train
 
-from .conftest import COCO_MINI, tiny_overrides
+from .conftest import COCO_MINI, free_port, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +89,6 @@ def test_corrupt_image_fails_with_file_name(tiny_cfg_factory, synth_root, tmp_pa
         train(cfg, tmp_path / "run")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _istr_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
@@ -104,7 +97,7 @@ def test_torchrun_two_ranks_end_with_identical_weights(tiny_cfg, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(to_yaml(tiny_cfg))
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "istr", "train", "--config", str(config), "--out", str(run_dir), "train.num_threads=1"]
     result = subprocess.run(cmd, env=_istr_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

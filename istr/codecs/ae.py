@@ -1,4 +1,4 @@
-"""Convolutional autoencoder mask codec: the non-linear arm of the codec ablation (ISTR_SPEC §1, §7.1)."""
+"""Convolutional autoencoder mask codec: the non-linear arm of the codec ablation (docs/method.md#mask-embedding)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from istr.codecs.base import MaskCodec
+from istr.codecs.base import MASK_SIZE, MaskCodec
 
 
 class AECodec(MaskCodec):
-    """Small conv autoencoder ``28x28 -> dim -> 28x28 logits`` (ISTR_SPEC §1).
+    """Small conv autoencoder ``28x28 -> dim -> 28x28 logits`` (docs/method.md#mask-embedding).
 
     Encoder: conv 1->16 and 16->32 (3x3, stride 2, ReLU; 28 -> 14 -> 7), then a
     linear layer to ``dim``. Decoder mirrors it: linear to 32x7x7, two stride-2
@@ -32,7 +32,7 @@ class AECodec(MaskCodec):
     ) -> None:
         super().__init__(dim, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
         self.epochs, self.seed, self.lr, self.batch_size = epochs, seed, lr, batch_size
-        side = self.mask_size // 4
+        side = MASK_SIZE // 4
         # Seed a private RNG stream so construction is reproducible without
         # disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):

@@ -1,4 +1,4 @@
-"""Mask codec interface shared by every mask embedding (ISTR_SPEC §1).
+"""Mask codec interface shared by every mask embedding (docs/method.md#mask-embedding).
 
 A codec maps class-agnostic 28x28 instance masks to a ``dim``-d embedding and
 back to 28x28 mask *logits*: ``encode: mask28 -> R^dim``, ``decode: R^dim ->
@@ -10,14 +10,14 @@ so ``.to(device)`` moves it and the ISTR optimizer never trains it.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-# Clip value for the inverse sigmoid of binary masks (ISTR_SPEC §1). The
+from istr.io import atomic_torch_save
+
+# Clip value for the inverse sigmoid of binary masks (docs/method.md#mask-embedding). The
 # reference code jitters background/foreground to [0.01, 0.05] / [0.95, 0.99];
 # we clip deterministically at its outer edge so binary masks map to logits of
 # exactly +-log(0.99 / 0.01) = +-4.595 (soft masks land in between).
@@ -28,12 +28,13 @@ MASK_EPS = 0.01
 _CODEC_CLASSES: dict[str, type[MaskCodec]] = {}
 
 _SAVE_FORMAT = 1
+MASK_SIZE = 28  # side of the box-cropped masks every codec embeds (docs/method.md#mask-embedding)
 
 
 def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
     """Per-mask IoU of boolean masks ``[n, H, W]`` -> ``[n]``.
 
-    Codec reconstruction quality of ISTR_SPEC §7.1; two empty masks count as a
+    Codec reconstruction quality of docs/method.md#ablations; two empty masks count as a
     perfect match (IoU 1) instead of 0/0.
     """
     if pred.shape != target.shape:
@@ -48,14 +49,14 @@ def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
 def masks_to_logits(masks: Tensor, eps: float = MASK_EPS) -> Tensor:
     """Inverse sigmoid of masks clipped to ``[eps, 1-eps]``, flattened to ``[n, H*W]``.
 
-    ISTR_SPEC §1: the reference PCA is fitted on the inverse sigmoid of the
+    docs/method.md#mask-embedding: the reference PCA is fitted on the inverse sigmoid of the
     (lightly jittered) binary mask, so linear decoders produce logits directly.
     """
     return torch.logit(masks.clamp(eps, 1.0 - eps)).flatten(1)
 
 
 class WhitenedPCA(nn.Module):
-    """Closed-form PCA ``R^in -> R^out`` with optional whitening (ISTR_SPEC §1).
+    """Closed-form PCA ``R^in -> R^out`` with optional whitening (docs/method.md#mask-embedding).
 
     ``project(x) = (x - mean) @ components.T / scale`` and ``unproject`` is its
     linear inverse on the kept subspace. With ``whiten=True`` the scale is the
@@ -117,7 +118,7 @@ class WhitenedPCA(nn.Module):
 
 
 class MaskCodec(nn.Module):
-    """Base class of the mask codecs of ISTR_SPEC §1 (contract in DESIGN.md, "Codec").
+    """Base class of the mask codecs of docs/method.md#mask-embedding.
 
     Subclasses implement ``_fit``, ``_encode`` and ``_decode`` and pass their
     constructor arguments to ``__init__`` so ``save``/``load_codec`` can rebuild
@@ -126,11 +127,9 @@ class MaskCodec(nn.Module):
 
     * ``encode(masks [n,28,28] in [0,1]) -> [n, dim]`` (no grad: codes are targets).
     * ``decode(codes [n, dim]) -> [n, 28, 28]`` logits, differentiable w.r.t.
-      ``codes`` (used inside the Dice term of ISTR_SPEC §3); ``logit > 0`` is
+      ``codes`` (used inside the Dice term of docs/method.md#loss); ``logit > 0`` is
       the mask (probability > 0.5).
     """
-
-    mask_size: int = 28
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -138,7 +137,7 @@ class MaskCodec(nn.Module):
 
     def __init__(self, dim: int, **params: Any) -> None:
         super().__init__()
-        num_pixels = self.mask_size**2
+        num_pixels = MASK_SIZE**2
         if not 1 <= dim <= num_pixels:
             raise ValueError(f"{type(self).__name__}: dim must be in [1, {num_pixels}], got {dim}")
         self.dim = dim
@@ -158,7 +157,7 @@ class MaskCodec(nn.Module):
         raise RuntimeError(f"{type(self).__name__} has no floating-point state")
 
     def _check_masks(self, masks: Tensor) -> Tensor:
-        s = self.mask_size
+        s = MASK_SIZE
         if masks.dim() != 3 or masks.shape[1:] != (s, s):
             raise ValueError(f"{type(self).__name__}: masks must be [n, {s}, {s}], got {tuple(masks.shape)}")
         ref = self._reference_tensor()
@@ -169,7 +168,7 @@ class MaskCodec(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(masks) or load_codec(path) first")
 
     def _freeze(self) -> None:
-        # Frozen after fit (ISTR_SPEC §1): the ISTR optimizer only takes
+        # Frozen after fit (docs/method.md#mask-embedding): the ISTR optimizer only takes
         # parameters with requires_grad, so this keeps the codec out of it.
         self.requires_grad_(False)
         self.eval()
@@ -179,7 +178,7 @@ class MaskCodec(nn.Module):
 
         Stats always contain ``n_masks`` and ``mask_iou``: the mean IoU of
         ``decode(encode(m)) > 0`` against ``m`` on the fitting masks (the
-        codec's upper bound on mask quality, ISTR_SPEC §7.1).
+        codec's upper bound on mask quality, docs/method.md#ablations).
         """
         masks = self._check_masks(masks)
         if masks.shape[0] == 0:
@@ -197,7 +196,7 @@ class MaskCodec(nn.Module):
 
     @torch.no_grad()
     def reconstruction_iou(self, masks: Tensor, batch_size: int = 4096) -> float:
-        """Mean IoU of ``decode(encode(m)) > 0`` vs ``m > 0.5`` (ISTR_SPEC §7.1)."""
+        """Mean IoU of ``decode(encode(m)) > 0`` vs ``m > 0.5`` (docs/method.md#ablations)."""
         masks = self._check_masks(masks)
         if masks.shape[0] == 0:
             raise ValueError("reconstruction_iou: got no masks")
@@ -209,7 +208,7 @@ class MaskCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, masks: Tensor) -> Tensor:
-        """Masks ``[n, 28, 28]`` in [0, 1] -> embeddings ``[n, dim]`` (ISTR_SPEC §1)."""
+        """Masks ``[n, 28, 28]`` in [0, 1] -> embeddings ``[n, dim]`` (docs/method.md#mask-embedding)."""
         self._check_fitted()
         masks = self._check_masks(masks)
         return self._encode(masks)
@@ -221,7 +220,7 @@ class MaskCodec(nn.Module):
             raise ValueError(f"{type(self).__name__}: codes must be [n, {self.dim}], got {tuple(codes.shape)}")
         ref = self._reference_tensor()
         logits = self._decode(codes.to(device=ref.device, dtype=ref.dtype))
-        return logits.reshape(codes.shape[0], self.mask_size, self.mask_size)
+        return logits.reshape(codes.shape[0], MASK_SIZE, MASK_SIZE)
 
     def _fit(self, masks: Tensor) -> dict[str, float]:
         """Learn the codec state from checked masks; return codec-specific stats."""
@@ -246,13 +245,7 @@ class MaskCodec(nn.Module):
             self._freeze()
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write type name, constructor params and state to ``path``.
-
-        Written to a temp file in the same directory and renamed with
-        ``os.replace`` so a crash never leaves a truncated codec behind.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Atomically write type name, constructor params and state to ``path`` (a crash keeps the old file)."""
         state = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in self.state_dict().items()}
         payload = {
             "format": _SAVE_FORMAT,
@@ -260,22 +253,7 @@ class MaskCodec(nn.Module):
             "params": dict(self.params),
             "state": state,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MaskCodec:
-        """``load_codec`` that also checks the file holds a ``cls`` (DESIGN.md ``load(path)``)."""
-        codec = load_codec(path, map_location)
-        if not isinstance(codec, cls):
-            raise ValueError(f"{path}: holds a {type(codec).__name__}, not a {cls.__name__}")
-        return codec
+        atomic_torch_save(path, payload)
 
 
 def load_codec(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MaskCodec:

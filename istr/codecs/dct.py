@@ -1,4 +1,4 @@
-"""DCT mask codec: low-frequency 2-D DCT coefficients in zig-zag order (ISTR_SPEC §1, 2022 version)."""
+"""DCT mask codec: low-frequency 2-D DCT coefficients in zig-zag order (docs/method.md#mask-embedding, 2022 version)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import scipy.fft
 import torch
 from torch import Tensor
 
-from istr.codecs.base import MaskCodec, masks_to_logits
+from istr.codecs.base import MASK_SIZE, MaskCodec, masks_to_logits
 
 
 def zigzag_indices(size: int) -> list[tuple[int, int]]:
@@ -26,7 +26,7 @@ def zigzag_indices(size: int) -> list[tuple[int, int]]:
 
 
 class DCTCodec(MaskCodec):
-    """First ``dim`` orthonormal 2-D DCT-II coefficients of the mask logits (ISTR_SPEC §1).
+    """First ``dim`` orthonormal 2-D DCT-II coefficients of the mask logits (docs/method.md#mask-embedding).
 
     The 784x784 orthonormal basis is built once with ``scipy.fft.dct`` at
     construction and its first ``dim`` rows in zig-zag order are kept as a
@@ -41,7 +41,7 @@ class DCTCodec(MaskCodec):
 
     def __init__(self, dim: int = 60) -> None:
         super().__init__(dim)
-        size = self.mask_size
+        size = MASK_SIZE
         dct_1d = scipy.fft.dct(np.eye(size), norm="ortho", axis=0)  # [freq, pixel]
         # Row u*size+v of kron(C, C) is the basis image of frequency (u, v).
         basis = np.kron(dct_1d, dct_1d)

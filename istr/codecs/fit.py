@@ -1,6 +1,6 @@
 """Fit a codec on a dataset's training masks once, and cache it by dataset fingerprint + codec params.
 
-ISTR_SPEC §1: each GT instance mask is cropped to its GT box and resized to 28x28.
+docs/method.md#mask-embedding: each GT instance mask is cropped to its GT box and resized to 28x28.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from istr.codecs import MaskCodec, build_codec, load_codec
+from istr.codecs import MASK_SIZE, MaskCodec, build_codec, load_codec
 from istr.io import atomic_write_json
 from istr.targets import crop_masks
 
@@ -53,7 +53,7 @@ def fingerprint(annotation_file: Path, codec_cfg) -> str:
     params = {
         "type": codec_cfg.type,
         "dim": codec_cfg.dim,
-        "mask_size": codec_cfg.mask_size,
+        "mask_size": MASK_SIZE,  # kept in the hash: caches written before it became a constant stay valid
         "max_fit_masks": codec_cfg.max_fit_masks,
         "params": dict(codec_cfg.params),
     }
@@ -62,7 +62,7 @@ def fingerprint(annotation_file: Path, codec_cfg) -> str:
 
 
 def fit_codec(codec_cfg, coco: COCO, seed: int = 0) -> tuple[MaskCodec, dict[str, float]]:
-    masks = box_crops(coco, codec_cfg.mask_size, codec_cfg.max_fit_masks, seed)
+    masks = box_crops(coco, MASK_SIZE, codec_cfg.max_fit_masks, seed)
     if masks.shape[0] == 0:
         raise ValueError("cannot fit a mask codec: the training set has no non-crowd instance masks")
     codec = build_codec(codec_cfg.type, codec_cfg.dim, **dict(codec_cfg.params))

@@ -1,14 +1,14 @@
-"""PCA mask codec: ISTR's default closed-form mask embedding (ISTR_SPEC §1)."""
+"""PCA mask codec: ISTR's default closed-form mask embedding (docs/method.md#mask-embedding)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from istr.codecs.base import MaskCodec, WhitenedPCA, masks_to_logits
+from istr.codecs.base import MASK_SIZE, MaskCodec, WhitenedPCA, masks_to_logits
 
 
 class PCACodec(MaskCodec):
-    """Top-``dim`` principal components of mask logits (ISTR_SPEC §1, default l = 60).
+    """Top-``dim`` principal components of mask logits (docs/method.md#mask-embedding, default l = 60).
 
     With linear encoder/decoder, maximising mask/reconstruction mutual
     information reduces to PCA, so the fit is closed form (float64 eigh of the
@@ -25,7 +25,7 @@ class PCACodec(MaskCodec):
 
     def __init__(self, dim: int = 60, whiten: bool = True) -> None:
         super().__init__(dim, whiten=whiten)
-        self.pca = WhitenedPCA(self.mask_size**2, dim, whiten=whiten)
+        self.pca = WhitenedPCA(MASK_SIZE**2, dim, whiten=whiten)
 
     def _fit(self, masks: Tensor) -> dict[str, float]:
         return self.pca.fit(masks_to_logits(masks))

@@ -1,4 +1,4 @@
-"""Sparse-coding mask codec over a learned dictionary ("SMT"-like, ISTR_SPEC §1, 2022 version)."""
+"""Sparse-coding mask codec over a learned dictionary ("SMT"-like, docs/method.md#mask-embedding, 2022 version)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from istr.codecs.base import MaskCodec, WhitenedPCA, mask_iou, masks_to_logits
+from istr.codecs.base import MASK_SIZE, MaskCodec, WhitenedPCA, mask_iou, masks_to_logits
 
 
 def soft_threshold(x: Tensor, threshold: Tensor | float) -> Tensor:
@@ -43,7 +43,7 @@ def fista(
 
 
 class SparseCodec(MaskCodec):
-    """Sparse codes over a learned dictionary, compressed to ``dim`` (ISTR_SPEC §1).
+    """Sparse codes over a learned dictionary, compressed to ``dim`` (docs/method.md#mask-embedding).
 
     Fit (in mask-logit space, +-4.6 as for PCA, mean-centred): ``num_atoms``
     unit-norm atoms ``D`` (over-complete w.r.t. the embedding: ``num_atoms >=
@@ -86,7 +86,7 @@ class SparseCodec(MaskCodec):
             raise ValueError(f"SparseCodec: num_atoms ({num_atoms}) must be >= dim ({dim})")
         self.num_atoms, self.sparsity, self.iterations = num_atoms, sparsity, iterations
         self.coding_steps, self.seed = coding_steps, seed
-        pixels = self.mask_size**2
+        pixels = MASK_SIZE**2
         self.register_buffer("mean", torch.zeros(pixels))
         self.register_buffer("dictionary", torch.zeros(num_atoms, pixels))
         self.register_buffer("step_size", torch.ones(()))

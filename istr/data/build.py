@@ -1,4 +1,4 @@
-"""Builders that read ``cfg.data`` and return datasets and loaders (DESIGN.md, "Only builders read config")."""
+"""Builders that read ``cfg.data`` and return datasets and loaders (docs/architecture.md#layers)."""
 
 from __future__ import annotations
 

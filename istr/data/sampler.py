@@ -1,4 +1,4 @@
-"""Deterministic, resumable training order (DESIGN.md, "Determinism").
+"""Deterministic, resumable training order (docs/architecture.md#determinism).
 
 Each step's batch is a pure function of (seed, step, rank), and each sample carries its own
 augmentation seed, so a run resumed at step k sees exactly the batches an uninterrupted run would,

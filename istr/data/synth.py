@@ -1,6 +1,6 @@
 """Synthetic COCO-format instance-segmentation dataset ("shapes").
 
-The workbench's embedded default dataset (DESIGN.md, "Where the work runs"): small images of
+The workbench's embedded default dataset (docs/architecture.md#data-flow): small images of
 randomly coloured, rotated, overlapping shapes on textured backgrounds, written as standard COCO
 json + PNG files so that the same loader, codecs and COCOeval path run on it as on real COCO.
 
@@ -18,8 +18,6 @@ Properties the rest of the project relies on:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from istr.data.checks import DatasetError
+from istr.io import atomic_write_text
 
 # A shape is a list of (polygon in unit coordinates inside the unit disc, fill value); fill 0
 # cuts a hole (ring).
@@ -213,19 +212,6 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray) 
     }
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    # Temp file in the same directory + os.replace: readers never see a half-written json.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _generate_split(
     out_dir: Path,
     split: str,
@@ -266,7 +252,7 @@ def _generate_split(
         "annotations": annotations,
         "categories": categories,
     }
-    _write_json_atomic(annotation_path(out_dir, split), dataset)
+    atomic_write_text(annotation_path(out_dir, split), json.dumps(dataset))
     return {"images": len(images), "instances": len(annotations), **sizes}
 
 
@@ -291,7 +277,7 @@ def claim_folder(out_dir: Path, params: dict) -> None:
                 "it writes only into a missing or empty folder (or one it made)"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / MARKER, params)
+    atomic_write_text(out_dir / MARKER, json.dumps(params))
 
 
 def generate_synthetic_coco(

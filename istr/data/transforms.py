@@ -125,7 +125,7 @@ class RandomCrop:
         xs, ys = boxes[:, 0::2].clamp(0, cw), boxes[:, 1::2].clamp(0, ch)
         boxes = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1)
         masks = target["masks"][:, y0 : y0 + ch, x0 : x0 + cw]
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & masks.flatten(1).any(1)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & masks.flatten(1).any(1).bool()
         target.update(boxes=boxes[keep], labels=target["labels"][keep], masks=masks[keep], size=(ch, cw))
         return image, target
 

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, loaded for ``--resume`` (DESIGN.md, run dir contract)."""
+"""Checkpoints: written atomically, loaded for ``--resume`` (docs/architecture.md#results)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     step: int,
-    extra: dict | None = None,
 ) -> None:
+    """``path`` <- model, optimizer and scheduler state and the step, atomically (a crash keeps the old file)."""
     atomic_torch_save(
         path,
         {
@@ -25,7 +25,6 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step,
-            **(extra or {}),
         },
     )
 

@@ -1,4 +1,4 @@
-"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (ISTR_SPEC §6)."""
+"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (docs/method.md#evaluation)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from istr.model.inference import postprocess
-
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-IOU_TYPES = ("bbox", "segm")
+from istr.results import AP_NAMES, IOU_TYPES
 
 
 def to_coco_results(prediction: dict, image_id: int, category_ids: list[int]) -> list[dict]:
@@ -90,7 +88,7 @@ def coco_evaluate(coco_gt: COCO, results: list[dict]) -> tuple[dict[str, dict[st
     text = io.StringIO()
     for iou_type in IOU_TYPES:
         if not results:
-            metrics[iou_type] = {name: 0.0 for name in STAT_NAMES}
+            metrics[iou_type] = {name: 0.0 for name in AP_NAMES}
             continue
         records = copy.deepcopy(results)  # loadRes mutates its input
         if iou_type == "segm":
@@ -106,6 +104,6 @@ def coco_evaluate(coco_gt: COCO, results: list[dict]) -> tuple[dict[str, dict[st
             evaluator.summarize()
         metrics[iou_type] = {
             name: (None if value < 0 or math.isnan(value) else round(100 * float(value), 3))
-            for name, value in zip(STAT_NAMES, evaluator.stats[:6])
+            for name, value in zip(AP_NAMES, evaluator.stats[:6])
         }
     return metrics, text.getvalue()

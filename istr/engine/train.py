@@ -1,7 +1,7 @@
-"""Training loop as plain functions (DESIGN.md, "Engine"): build -> train_step* -> evaluate.
+"""Training loop as plain functions (docs/architecture.md#data-flow): build -> train_step* -> evaluate.
 
 AdamW, linear warmup + multi-step decay, grad-norm clipping, bf16 autocast on CUDA, DDP under
-torchrun, atomic checkpoints, exact resume (ISTR_SPEC §5).
+torchrun, atomic checkpoints, exact resume (docs/method.md#training).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from istr.codecs import MaskCodec, load_codec
+from istr.codecs import CODECS, MaskCodec, load_codec
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config, config_hash, to_dict, to_yaml
 from istr.data.build import (
@@ -37,9 +37,12 @@ from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.pretrain import resolve_backbone_weights
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
-from istr.losses import SetCriterion, build_criterion, loss_weights, weighted_sum
-from istr.matcher import build_matcher
+from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
+from istr.matcher import MASK_COSTS, build_matcher
 from istr.model import build_model
+from istr.model.head import ATTENTIONS
+from istr.registry import pick
+from istr.results import flat_metrics
 from istr.targets import prepare_targets
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list[int], gamma: float) -> float:
-    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (ISTR_SPEC §5)."""
+    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (docs/method.md#training)."""
     factor = gamma ** sum(step >= s for s in lr_steps)
     if step < warmup_steps:
         alpha = step / warmup_steps
@@ -126,7 +129,7 @@ def train_step(state: TrainState, batch: dict) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip_grad_norm)
     state.optimizer.step()
     state.scheduler.step()
-    metrics = {k: v.item() for k, v in losses.items() if "_s" not in k}
+    metrics = {k: v.item() for k, v in losses.items() if split_stage(k)[1] is None}
     metrics.update(loss=reduced.item(), grad_norm=float(grad_norm), lr=state.optimizer.param_groups[0]["lr"])
     return metrics
 
@@ -221,10 +224,17 @@ def _removed_on_failure(run_dir: Path, fresh: bool) -> Iterator[None]:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+def check_arms(cfg: Config) -> None:
+    """Each ablation arm looked up in the registry its builder uses: UnknownArmError, listing the valid names."""
+    pick(CODECS, cfg.codec.type, "codec.type")
+    pick(MASK_COSTS, cfg.matcher.mask_cost, "matcher.mask_cost")
+    pick(MASK_LOSSES, cfg.loss.mask, "loss.mask")
+    pick(ATTENTIONS, cfg.model.attention, "model.attention")
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir`` (fresh, or resumed from checkpoints/last.pt) and evaluate."""
+    check_arms(cfg)  # before anything is written, generated or fitted
     info = D.init_distributed(cfg.train.device)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -332,8 +342,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         result: dict = {}
         if info.is_main:
             result = evaluate_run(cfg, model, codec, info.device, run_dir)
-            flat = {f"{t}_{k}": v for t, m in result.items() for k, v in m.items()}
-            sink.summary({**flat, "train_seconds": totals["train_seconds"], "steps": step})
+            sink.summary({**flat_metrics(result), "train_seconds": totals["train_seconds"], "steps": step})
             atomic_write_json(
                 run_dir / "train_summary.json",
                 {

@@ -1,4 +1,4 @@
-"""ResNet + FPN backbone producing P2-P5 (ISTR_SPEC §4, "Backbone").
+"""ResNet + FPN backbone producing P2-P5 (docs/method.md#architecture, "Backbone").
 
 Built from torchvision parts; weights come only from an optional local file, never a download.
 """

@@ -1,6 +1,6 @@
-"""One refinement stage of ISTR: self-attention + dynamic attention + FFN + heads (ISTR_SPEC §4).
+"""One refinement stage of ISTR: self-attention + dynamic attention + FFN + heads (docs/method.md#architecture).
 
-The attention type is an ablation axis (ISTR_SPEC §7.4), chosen from ``ATTENTIONS``.
+The attention type is an ablation axis (docs/method.md#ablations), chosen from ``ATTENTIONS``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from istr.registry import pick
+
 # detectron2's Box2BoxTransform clamp: exp() of larger deltas would overflow.
 _SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 class DynamicConv(nn.Module):
-    """Dynamic attention of a query to its RoI (ISTR_SPEC §4.2, Sparse R-CNN's DynamicConv).
+    """Dynamic attention of a query to its RoI (docs/method.md#architecture, Sparse R-CNN's DynamicConv).
 
     A linear layer turns the query feature into the parameters of two 1x1 convs
     (d -> dynamic_dim -> d) applied to that query's RoI features, then flatten + Linear to d.
@@ -80,7 +82,7 @@ def _mlp_tower(dim: int, layers: int, activation: type[nn.Module]) -> nn.Sequent
 
 
 def apply_deltas(deltas: Tensor, boxes: Tensor, weights: tuple[float, ...] = (2.0, 2.0, 1.0, 1.0)) -> Tensor:
-    """Refine x1y1x2y2 ``boxes`` by (dx, dy, dw, dh) deltas with weights (2,2,1,1) (ISTR_SPEC §4)."""
+    """Refine x1y1x2y2 ``boxes`` by (dx, dy, dw, dh) deltas with weights (2,2,1,1) (docs/method.md#architecture)."""
     # Box arithmetic in float32 even under bf16 autocast: bf16 cannot hold pixel coordinates.
     deltas, boxes = deltas.float(), boxes.float()
     widths = boxes[:, 2] - boxes[:, 0]
@@ -119,9 +121,7 @@ class ISTRStage(nn.Module):
         prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTIONS)}")
-        use_self_attention, interaction = ATTENTIONS[attention]
+        use_self_attention, interaction = pick(ATTENTIONS, attention, "model.attention")
         self.self_attn = (
             nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
             if use_self_attention

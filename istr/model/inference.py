@@ -1,4 +1,4 @@
-"""Inference: top-100 (query, class) pairs, decode embeddings, paste masks (ISTR_SPEC §4, "Inference").
+"""Inference: top-100 (query, class) pairs, decode embeddings, paste masks (docs/method.md#inference).
 
 No NMS: the set prediction is one-to-one. Mask decode and paste are batched over all detections.
 """
@@ -56,7 +56,7 @@ def postprocess(
     query_idx, labels = flat_idx // num_classes, flat_idx % num_classes
     picked_boxes = torch.gather(boxes, 1, query_idx[..., None].expand(-1, -1, 4))
     picked_codes = torch.gather(codes, 1, query_idx[..., None].expand(-1, -1, codes.shape[-1]))
-    mask_probs = codec.decode(picked_codes.flatten(0, 1)).sigmoid().view(batch, query_idx.shape[1], *codec_shape(codec))
+    mask_probs = codec.decode(picked_codes.flatten(0, 1)).sigmoid().unflatten(0, query_idx.shape)
     results = []
     for i in range(batch):
         h, w = (int(v) for v in image_sizes[i])
@@ -69,8 +69,3 @@ def postprocess(
         img_boxes[:, 1::2] = img_boxes[:, 1::2].clamp(0, oh)
         results.append({"scores": scores[i], "labels": labels[i], "boxes": img_boxes, "masks": masks})
     return results
-
-
-def codec_shape(codec: torch.nn.Module) -> tuple[int, int]:
-    size = getattr(codec, "mask_size", 28)
-    return size, size

@@ -1,7 +1,7 @@
-"""ISTR: learnable query boxes/features refined over N stages (ISTR_SPEC §4, Fig. 2).
+"""ISTR: learnable query boxes/features refined over N stages (docs/method.md#architecture, Fig. 2).
 
 The model predicts mask *embeddings*; it never sees the codec. The criterion and the inference
-path (``istr.model.inference``) decode them (DESIGN.md, "Codec is injected").
+path (``istr.model.inference``) decode them (docs/method.md#architecture: the model never sees the codec).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ISTR(nn.Module):
         return xyxy[None] * scale[:, None, :]
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> dict:
-        """images uint8/float [B,3,H,W] (0-255, padded), image_sizes [B,2] (h, w) -> DESIGN.md model output."""
+        """images uint8/float [B,3,H,W] (0-255, padded), image_sizes [B,2] (h, w) -> docs/method.md outputs."""
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         features = self.backbone(x)
         boxes = self.initial_boxes(image_sizes)
@@ -90,7 +90,7 @@ class ISTR(nn.Module):
         queries = self.query_features.weight[None] + image_feature[:, None, :]
         outputs: list[dict] = []
         for stage in self.stages:
-            # ISTR_SPEC §4: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
+            # docs/method.md#architecture: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
             stage_boxes = boxes.detach() if outputs else boxes
             rois = self.pooler(features, stage_boxes.detach().to(features["p2"].dtype))  # [B*k, S*S, d]
             out = stage(queries, rois, stage_boxes)
@@ -100,7 +100,7 @@ class ISTR(nn.Module):
 
 
 def build_model(model_cfg, num_classes: int, code_dim: int, backbone_weights: Path | None = None) -> ISTR:
-    """Builder: the only place that reads ``cfg.model`` (DESIGN.md, "Only builders read config").
+    """Builder: the only place that reads ``cfg.model`` (docs/architecture.md#layers).
 
     ``backbone_weights`` is a local file resolved by the engine from ``model.pretrained``; None builds
     random weights (a checkpoint is loaded afterwards, or training starts from scratch).

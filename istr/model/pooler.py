@@ -1,4 +1,4 @@
-"""RoI feature pooling: each query box reads an SxS feature grid from its FPN level (ISTR_SPEC §4).
+"""RoI feature pooling: each query box reads an SxS feature grid from its FPN level (docs/method.md#architecture).
 
 Two interchangeable implementations (``model.pooler``):
 - ``roi_align``: torchvision's ``roi_align`` per level (the reference; its CPU kernels are single-threaded).

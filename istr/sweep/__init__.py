@@ -1,4 +1,4 @@
-"""Sweep harness: W&B sweep specs run as resumable Optuna studies (DESIGN.md, "sweep/").
+"""Sweep harness: W&B sweep specs run as resumable Optuna studies (docs/architecture.md#data-flow).
 
 Optuna and W&B are imported only inside this package, never by the model or engine.
 ``run_sweep`` runs/resumes a spec, ``sweep_status`` counts a study's cells, ``sweep_results`` rebuilds

@@ -1,4 +1,4 @@
-"""``istr sweep`` / ``istr sweep-status``: argparse wiring for the sweep harness.
+"""``istr sweep`` / ``istr sweep-status``: argparse wiring for the sweep harness (``istr ablate``: istr/ablate.py).
 
 Wire into ``istr/cli.py``'s ``build_parser`` with::
 
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``istr sweep`` and ``istr ablate`` share."""
     p.add_argument("--preset", default=None,
                    help="experiments/<NAME>.yaml or a YAML path (default: the spec's --config)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell: 0..N-1 (default: the spec's seed grid)")
@@ -90,7 +91,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "'istr sweep status STUDY' shows its progress")
     p.add_argument("spec", help="sweeps/<axis>.yaml, an axis name, 'status' or 'results' (then a study name)")
     p.add_argument("study", nargs="?", default=None, help=argparse.SUPPRESS)
-    _common(p)
+    add_common_arguments(p)
     p.add_argument("--name", default=None, help="study name (default <axis>-<preset>)")
     p.add_argument("--trials", type=int, default=None,
                    help="trial budget of a random/bayes spec (default: its run_cap); grids run every cell")

@@ -1,4 +1,4 @@
-"""Trial records: ``results.csv`` rows (DESIGN.md "Sweep results row"), ``sweep_status``, progress lines.
+"""Trial records: ``results.csv`` rows (columns in istr/results.py) and ``sweep_status``.
 
 A completed trial carries its row's numbers as flat user attrs (``segm_AP``, ``steps``, ``wall_s``...,
 :data:`RUN_COLUMNS`), so the storage alone holds every result: ``results.csv`` is rebuilt from it
@@ -22,22 +22,13 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text
+from istr.results import COLUMNS, METRICS, flat_metrics
 from istr.sweep.storage import file_lock, open_storage, stale_trials, study_dir, utc_now
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-COLUMNS = [
-    "study", "axis", "arm", "cell_id", "seed", "preset", "status",
-    *[f"segm_{m}" for m in METRICS], *[f"bbox_{m}" for m in METRICS],
-    "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
-    # beyond the DESIGN.md contract (analysis reads columns by name):
-    "reused_from", "train_s", "trial", "attempts",
-    "codec_type", "codec_dim", "codec_iou",  # the cell's mask codec and its train reconstruction IoU
-]
 TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, attempts, finished_at
 # the columns that come from the run dir; stored as flat user attrs of the trial that completed the cell
-RUN_COLUMNS = [*[f"segm_{m}" for m in METRICS], *[f"bbox_{m}" for m in METRICS], "steps", "wall_s",
-               "img_per_s", "device", "wandb_run_id", "finished_at", "train_s", "attempts",
-               "codec_type", "codec_dim", "codec_iou"]
+RUN_COLUMNS = [*METRICS, "steps", "wall_s", "img_per_s", "device", "wandb_run_id", "finished_at", "train_s",
+               "attempts", "codec_type", "codec_dim", "codec_iou"]
 
 
 def _read_json(path: Path) -> dict:
@@ -60,7 +51,7 @@ def run_columns(run_dir: Path) -> dict[str, Any]:
     """The :data:`RUN_COLUMNS` of a finished run dir (eval.json, train_summary.json, sweep_trial.json, codec)."""
     ev, summary = _read_json(run_dir / "eval.json"), _read_json(run_dir / "train_summary.json")
     record, codec = _read_json(run_dir / TRIAL_RECORD), codec_record(run_dir)
-    out = {f"{task}_{m}": ev.get(task, {}).get(m) for task in ("segm", "bbox") for m in METRICS}
+    out = flat_metrics(ev)
     out.update(steps=summary.get("steps"), wall_s=record.get("wall_s"), img_per_s=summary.get("img_per_s"),
                device=summary.get("device"), wandb_run_id=summary.get("wandb_run_id"),
                finished_at=record.get("finished_at"), train_s=summary.get("train_seconds"),

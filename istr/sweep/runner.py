@@ -28,6 +28,8 @@ from tqdm import tqdm
 from istr.config import ConfigError, load_config
 from istr.data.build import ensure_dataset
 from istr.engine.pretrain import resolve_backbone_weights
+from istr.engine.train import check_arms
+from istr.registry import UnknownArmError
 from istr.sweep.records import progress_line, status_counts, write_results
 from istr.sweep.spec import Cell, SpecError, cell_identity, load_spec, param_overrides, resolve_preset
 from istr.sweep.storage import LEASE_TTL_S, open_storage, reap_stale_trials, storage_lock, study_dir
@@ -190,8 +192,10 @@ def plan_cells(spec, plan: SweepPlan) -> dict[str, Cell] | None:
     """
     def resolve(params: dict[str, Any]) -> str:
         try:
-            return cell_identity(load_config(plan.preset, plan.overrides(params)))
-        except ConfigError as err:
+            cfg = load_config(plan.preset, plan.overrides(params))
+            check_arms(cfg)  # a typo in a spec's arm fails here, before any trial trains
+            return cell_identity(cfg)
+        except (ConfigError, UnknownArmError) as err:
             raise SpecError(f"{spec.path}: parameters {param_overrides(params)} on {plan.preset}: {err}") from err
 
     if spec.method == "grid":

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from istr.config import Config, ConfigError, LoggingConfig, config_hash
+from istr.results import arm_name
 
 METHODS = ("grid", "random", "bayes")
 GOALS = ("maximize", "minimize")
@@ -64,10 +65,6 @@ class SweepSpec:
     early_terminate: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def direction(self) -> str:
-        return self.goal
-
     def axis_keys(self) -> list[str]:
         return [k for k in self.parameters if k != "seed"]
 
@@ -103,14 +100,6 @@ def _grid_values(path: Path, key: str, p: dict[str, Any]) -> list[Any]:
     if "value" in p:
         return [p["value"]]
     raise SpecError(f"{path}: grid parameter '{key}' needs 'values' (or 'value'); got {sorted(p)}")
-
-
-def arm_name(params: dict[str, Any]) -> str:
-    """``codec.type=dct`` -> ``dct``; several axis keys -> ``k=v,k=v``."""
-    axis = {k: v for k, v in params.items() if k != "seed"}
-    if len(axis) == 1:
-        return str(next(iter(axis.values())))
-    return ",".join(f"{k}={v}" for k, v in axis.items())
 
 
 def param_overrides(params: dict[str, Any]) -> list[str]:

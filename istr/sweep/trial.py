@@ -31,8 +31,9 @@ from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
 from istr.io import atomic_write_json
+from istr.results import arm_name, flat_metrics
 from istr.sweep.records import TRIAL_RECORD, _read_json, progress_line, run_columns
-from istr.sweep.spec import arm_name, cell_identity, param_overrides
+from istr.sweep.spec import cell_identity, param_overrides
 from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lease
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -104,8 +105,7 @@ def find_done(root: Path, study: str, cell_id: str) -> Path | None:
 
 def metric_value(run_dir: Path, metric: str) -> float:
     ev = _read_json(run_dir / "eval.json")
-    flat = {f"{task}_{k}": v for task, m in ev.items() if isinstance(m, dict) for k, v in m.items()}
-    value = flat.get(metric)
+    value = flat_metrics(ev).get(metric)
     return 0.0 if value is None else float(value)
 
 

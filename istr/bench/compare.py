@@ -1,4 +1,4 @@
-"""`istr bench`: ISTR vs torchvision Mask R-CNN, side by side in one process (issue 7).
+"""`istr bench`: ISTR vs torchvision Mask R-CNN, side by side in one process.
 
 Both models see the same seeded uint8 batch (height x width) and synthetic targets, the same dtype
 (fp32 on CPU, bf16 autocast on CUDA), the same norm (FrozenBatchNorm, all ResNet stages trainable,
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from istr.bench_phases import istr_infer_phases, istr_train_phases, phase_summary, sync_device
-from istr.bench_sweep import add_sweep_overhead_arguments
+from istr.bench.phases import istr_infer_phases, istr_train_phases, phase_summary, sync_device
+from istr.bench.sweep import add_sweep_overhead_arguments
+from istr.codecs import MASK_SIZE
 
 BACKBONES = {"r18": "resnet18", "r50": "resnet50", "r101": "resnet101"}
-MASK_SIZE = 28
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -349,7 +349,7 @@ def format_table(result: dict) -> str:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.sweep_overhead:
-        from istr.bench_sweep import sweep_overhead_command
+        from istr.bench.sweep import sweep_overhead_command
 
         sweep_overhead_command(args)
         return

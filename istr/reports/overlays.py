@@ -1,7 +1,8 @@
 """Prediction overlays of two arms on the same val images: the default arm vs the best other arm (by mean mask AP).
 
 Models are rebuilt from the trials' run dirs (`istr.engine.predict.load_run`: config.yaml, codec.pt,
-checkpoints/last.pt), so this needs the run dirs on this machine; rows without one are skipped.
+checkpoints/last.pt), so this needs the run dirs on this machine; rows without one are skipped. It runs
+models, so it lives with the commands, not in `analysis` (which only reads result files).
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from analysis.plots import save_figure
 from analysis.stats import default_arm
+from istr.config import load_config
+from istr.data.build import split_paths
+from istr.engine.predict import load_run, overlay_images
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +45,6 @@ def pick_arms(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = 
 
 def val_images(run_dir: Path, count: int) -> list[Path]:
     """The first `count` val images (by image id) of the run's dataset."""
-    from istr.config import load_config
-    from istr.data.build import split_paths
-
     json_path, image_dir = split_paths(load_config(run_dir / "config.yaml").data, "val")
     images = sorted(json.loads(json_path.read_text())["images"], key=lambda image: image["id"])
     return [image_dir / image["file_name"] for image in images[:count]]
@@ -52,8 +54,6 @@ def overlay_grid(
     df: pd.DataFrame, axis: str, count: int = 3, defaults: Mapping[str, str] | None = None
 ) -> plt.Figure | None:
     """A 2 x `count` grid: row 1 the default arm's predictions, row 2 the other arm's, same val images."""
-    from istr.engine.predict import load_run, overlay_images
-
     arms = pick_arms(df, axis, defaults)
     if arms is None:
         return None
@@ -74,3 +74,16 @@ def overlay_grid(
     fig.suptitle(f"{axis}: predictions (score ≥ 0.3) on the same val images")
     fig.tight_layout()
     return fig
+
+
+def write_overlays(
+    df: pd.DataFrame, out: Path, count: int = 3, defaults: Mapping[str, str] | None = None
+) -> list[Path]:
+    """``<axis>_overlays.png|pdf`` under ``out`` for every axis of ``df`` whose two arms have run dirs here."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for axis in sorted(df["axis"].dropna().unique()):
+        grid = overlay_grid(df, axis, count, defaults)
+        if grid is not None:
+            written += save_figure(grid, out, f"{axis}_overlays")
+    return written

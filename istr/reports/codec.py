@@ -1,4 +1,4 @@
-"""Codec reconstruction report: the upper bound each mask-embedding arm can reach (ISTR_SPEC §1, §7.1).
+"""Codec reconstruction report: the upper bound each mask-embedding arm can reach (docs/method.md#mask-embedding).
 
 For every (codec type, dim) the codec is fitted on the TRAIN split's box crops (or loaded from the
 fingerprinted cache, ``istr.codecs.fit``) and scored on the VAL split's non-crowd GT instances:
@@ -21,6 +21,7 @@ import io
 import itertools
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from istr.codecs import CODECS, MaskCodec, mask_iou
+from istr.codecs import CODECS, MASK_SIZE, MaskCodec, mask_iou
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config
 from istr.data.build import ensure_dataset, split_paths
@@ -118,7 +119,7 @@ def load_val_set(cfg: Config, max_val_images: int = 0) -> ValSet:
     if max_val_images > 0 and len(image_ids) > max_val_images:
         image_ids = image_ids[:max_val_images]
         coco = _subset_coco(coco, image_ids)
-    size = cfg.codec.mask_size
+    size = MASK_SIZE
     images, crops, areas, valid = [], [], [], []
     start = 0
     for image_id in image_ids:
@@ -210,7 +211,7 @@ def codec_report(
 def codec_report_pairs(
     cfg: Config, pairs: list[tuple[str, int]], out_dir: Path | None = None, max_val_images: int = 0
 ) -> pd.DataFrame:
-    """One row per (type, dim) pair: reconstruction IoU and oracle segm AP on the val split (ISTR_SPEC §7.1).
+    """One row per (type, dim) pair: reconstruction IoU and oracle segm AP on the val split (docs/method.md#ablations).
 
     Codecs are fitted on the train split with ``cfg.codec`` (type/dim replaced; ``params`` filtered per
     type) and cached under ``cfg.cache_dir``. ``max_val_images > 0`` scores only the first that many val
@@ -274,3 +275,17 @@ def write_report(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     atomic_write_text(csv_path, df.to_csv(index=False))
     atomic_write_text(md_path, format_markdown(df))
     return csv_path, md_path
+
+
+def codec_upper_bounds(cfg: Config, results: pd.DataFrame, codec_axes: Iterable[str], out: Path) -> Path | None:
+    """The codec report of every (type, dim) the ``codec_axes`` rows of ``results`` trained -> ``out/codec_report.csv``
+
+    The reconstruction upper bound of the paper's mask-embedding table (docs/method.md#ablations); None
+    when no row holds a codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
+    """
+    codecs = results[results["axis"].isin(list(codec_axes))].dropna(subset=["codec_type", "codec_dim"])
+    pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
+    if not pairs:
+        return None
+    codec_report_pairs(cfg, pairs, out)
+    return out / "codec_report.csv"

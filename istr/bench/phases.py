@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from istr.bench import Bench
+    from istr.bench.compare import Bench
 
 
 def sync_device(device: torch.device) -> None:

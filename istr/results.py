@@ -1,0 +1,37 @@
+"""The results schema: what a trained cell reports and the columns of a study's ``results.csv``.
+
+Written by the engine (eval.json), the sweep harness (results.csv) and W&B, read by ``analysis``;
+this module is their one definition (docs/architecture.md#results).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval's first six stats, in its order
+IOU_TYPES = ("bbox", "segm")
+METRICS = [f"{kind}_{name}" for kind in ("segm", "bbox") for name in AP_NAMES]  # results.csv metric columns
+COLUMNS = [
+    "study", "axis", "arm", "cell_id", "seed", "preset", "status", *METRICS,
+    "steps", "wall_s", "img_per_s", "device", "run_dir", "wandb_run_id", "finished_at",
+    "reused_from", "train_s", "trial", "attempts",
+    "codec_type", "codec_dim", "codec_iou",  # the cell's mask codec and its train reconstruction IoU
+]  # fmt: skip
+NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s", "train_s", "trial", "attempts", "codec_dim", "codec_iou"]
+
+
+def flat_metrics(eval_json: dict[str, Any]) -> dict[str, float | None]:
+    """``eval.json`` (``{"segm": {"AP": ...}, "bbox": {...}}``) -> ``{"segm_AP": ..., ...}``, every METRICS name.
+
+    A metric the file lacks is None (undefined), never 0.
+    """
+    sections = {kind: eval_json.get(kind) if isinstance(eval_json.get(kind), dict) else {} for kind in IOU_TYPES}
+    return {f"{kind}_{name}": sections[kind].get(name) for kind in ("segm", "bbox") for name in AP_NAMES}
+
+
+def arm_name(params: dict[str, Any]) -> str:
+    """A cell's arm from its swept parameters: ``codec.type=dct`` -> ``dct``; several keys -> ``k=v,k=v``."""
+    axis = {k: v for k, v in params.items() if k != "seed"}
+    if len(axis) == 1:
+        return str(next(iter(axis.values())))
+    return ",".join(f"{k}={v}" for k, v in axis.items())
