@@ -41,7 +41,7 @@ class SynthConfig:
 
 @dataclass
 class CropConfig:
-    """Training crop before the multi-scale resize (docs/method.md, "Training recipe"); off = none."""
+    """Training crop before the multi-scale resize (docs/method.md#training); off = none."""
 
     type: str = "none"  # none | relative_range | absolute_range (detectron2's RandomCrop)
     size: list[float] = field(default_factory=lambda: [0.7, 0.7])
@@ -185,7 +185,7 @@ class LoggingConfig:
 
 @dataclass
 class PretrainConfig:
-    """``model.pretrained=auto``: the backbone pretrained once on generated shapes (docs/method.md)."""
+    """``model.pretrained=auto``: a backbone pretrained once on generated shapes (docs/method.md#reference-choices)."""
 
     num_images: int = 2000
     steps: int = 400

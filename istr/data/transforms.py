@@ -5,7 +5,7 @@ Each transform keeps the image, ``target["boxes"]`` (x1,y1,x2,y2 absolute) and
 torch's global RNG, so ``torch.manual_seed`` and DataLoader worker seeding make it reproducible.
 Training augmentation follows the reference ISTR / detectron2 recipe: with probability
 ``crop_prob`` a resize to one of ``pre_crop_sizes`` and a random crop, then the multi-scale
-ResizeShortestEdge and a horizontal flip (docs/method.md, "Training recipe").
+ResizeShortestEdge and a horizontal flip (docs/method.md#training).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``model.pretrained=auto``: a backbone the project pretrains itself, once, and caches (docs/method.md).
+"""``model.pretrained=auto``: a backbone the project pretrains once and caches (docs/method.md#reference-choices).
 
 The paper fine-tunes from an ImageNet backbone; nothing may be downloaded here, so the small presets
 start from a ResNet+FPN pretrained on generated shapes instead. The task is dense shape
