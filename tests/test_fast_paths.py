@@ -29,3 +29,31 @@ def test_fused_adamw_matches_the_per_tensor_implementation(tiny_cfg):
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert not torch.equal(model[0].weight, torch.nn.Linear(8, 16).weight)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: the region search then runs on the GPU"))])
+def test_region_rle_is_byte_identical_to_pycocotools(device):
+    """encode_masks (runs from each mask's occupied box) vs pycocotools' encode of the full mask."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from istr.engine.rle import encode_masks
+
+    gen = torch.Generator().manual_seed(0)
+    height, width = 37, 53
+    masks = torch.zeros(7, height, width, dtype=torch.bool)
+    masks[0, 5:20, 10:30] = torch.rand(15, 20, generator=gen) > 0.3  # ragged blob
+    masks[1] = torch.rand(height, width, generator=gen) > 0.5  # touches every border
+    masks[2, 0, 0] = masks[2, -1, -1] = True  # first and last pixel
+    masks[3, :, 52] = True  # last column only
+    masks[4, 36, :] = True  # last row only: runs that wrap across columns
+    masks[5, 10:12, 0:53] = True
+    # masks[6] stays empty
+    expected = mask_utils.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    got = encode_masks(masks.to(device))
+    assert [r["counts"] for r in got] == [r["counts"] for r in expected]
+    assert [r["size"] for r in got] == [[height, width]] * 7
+    pasted = torch.rand(3, 64, 96, generator=gen) > 0.5  # uint8 masks as postprocess returns them
+    expected = mask_utils.encode(np.asfortranarray(pasted.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    assert [r["counts"] for r in encode_masks(pasted.to(torch.uint8).to(device))] == [r["counts"] for r in expected]

@@ -7,14 +7,13 @@ import copy
 import io
 import math
 
-import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from istr.engine.rle import encode_masks
 from istr.model.inference import postprocess
 from istr.results import AP_NAMES, IOU_TYPES
 
@@ -23,8 +22,7 @@ def to_coco_results(prediction: dict, image_id: int, category_ids: list[int]) ->
     """One image's predictions -> COCO result records (xywh boxes, compressed RLE masks)."""
     if prediction["scores"].numel() == 0:
         return []
-    masks = prediction["masks"].cpu().numpy().astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    rles = encode_masks(prediction["masks"])
     boxes = prediction["boxes"].cpu().clone()
     boxes[:, 2:] -= boxes[:, :2]
     records = []
