@@ -235,6 +235,22 @@ def _merge(base: DictConfig, other: Any, source: str, full_key: str | None = Non
         raise ConfigError(f"bad value for '{err.full_key}' in {source}: {err.msg}") from None
 
 
+# Keys older run dirs' config.yaml still hold, with the only value they could have had; dropped on load so
+# those runs stay readable (any other value is an error: the run was made by a different model).
+RETIRED_KEYS: dict[str, Any] = {"codec.mask_size": 28}
+
+
+def _drop_retired(loaded: DictConfig, source: str) -> DictConfig:
+    for dotted, fixed in RETIRED_KEYS.items():
+        parent, _, leaf = dotted.rpartition(".")
+        node = OmegaConf.select(loaded, parent) if parent else loaded
+        if isinstance(node, DictConfig) and leaf in node:
+            if node[leaf] != fixed:
+                raise ConfigError(f"{source}: '{dotted}: {node[leaf]}' is no longer supported (it is fixed at {fixed})")
+            del node[leaf]
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML preset at ``path`` <- ``key.sub=value`` overrides."""
     cfg = OmegaConf.structured(Config)
@@ -242,7 +258,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _drop_retired(OmegaConf.load(path), str(path)), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")

@@ -70,3 +70,12 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
+
+
+def test_an_older_run_config_with_a_retired_key_still_loads(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("codec:\n  type: pca\n  dim: 16\n  mask_size: 28\n")
+    assert load_config(path).codec.dim == 16
+    path.write_text("codec:\n  mask_size: 14\n")
+    with pytest.raises(ConfigError, match="codec.mask_size: 14.*no longer supported"):
+        load_config(path)
