@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The attention ablation at demo scale (1 seed, 250 steps a cell, the three cells at once on the CPU
+# The attention ablation at demo scale (1 seed, 200 steps a cell, the three cells at once on the CPU
 # cores; the tiny backbone is pretrained once first) -> results/attention.md|tex|csv + figures/.
 demo: $(STAMP)
 	$(BIN)/python -m istr ablate --preset tiny --axes attention --seeds 1 --workers 3 \
-	  --set train.max_steps=250 --set "train.lr_steps=[210]" --set train.checkpoint_every=250 \
+	  --set train.max_steps=200 --set "train.lr_steps=[170]" --set train.checkpoint_every=200 \
 	  --name demo --out results
 
 # ruff, then pytest with the given marker selection. pytest exits 5 when it collected no test: that is
