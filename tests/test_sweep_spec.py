@@ -28,6 +28,7 @@ def _spec(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (~6 s): the fault tier, not the unit loop
 def test_malformed_yaml_names_file_and_line_and_creates_no_storage(tmp_path):
     good = (REPO / "sweeps" / "loss.yaml").read_text()
     spec = _spec(tmp_path, good.replace("  goal: maximize", "  goal: maximize\n bad: [indent"))
