@@ -259,10 +259,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     with _removed_on_failure(run_dir, fresh):
         train_set = build_dataset(cfg.data, "train", train=True)
         codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
-        if info.is_main:
-            resolve_backbone_weights(cfg)  # pretrains and caches an 'auto' backbone once (one-time cost)
+        # Rank 0 pretrains and caches an 'auto' backbone once (one-time cost); the others then find it.
+        weights = resolve_backbone_weights(cfg) if info.is_main else None
         D.barrier()
-        weights = resolve_backbone_weights(cfg, build=False)
+        if not info.is_main:
+            weights = resolve_backbone_weights(cfg, build=False)
         model = build_model(cfg.model, train_set.num_classes, codec.dim, weights).to(info.device)
         if info.device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
