@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -25,10 +26,9 @@ from torch.nn.functional import cross_entropy, interpolate
 from torch.utils.data import DataLoader
 
 from istr.config import Config
-from istr.data.coco import CocoInstances
+from istr.data.build import build_dataset, ensure_dataset
 from istr.data.collate import collate_batch
-from istr.data.synth import SHAPES, generate_synthetic_coco
-from istr.data.transforms import build_transforms
+from istr.data.synth import SHAPES, annotation_path
 from istr.io import atomic_torch_save, atomic_write_json
 from istr.model.backbone import BackboneFPN
 from istr.model.istr import PIXEL_MEAN, PIXEL_STD
@@ -48,6 +48,8 @@ def pretrain_identity(cfg: Config) -> dict:
         "norm": cfg.model.norm,
         "train_short_sizes": list(cfg.data.train_short_sizes),
         "train_max_size": cfg.data.train_max_size,
+        "flip_prob": cfg.data.flip_prob,
+        "crop": asdict(cfg.data.crop),
         "synth": {k: getattr(synth, k) for k in ("image_size", "min_instances", "max_instances",
                                                  "min_object_frac", "max_object_frac")},
         "generator_seed": synth.seed + pre.seed_offset,
@@ -85,16 +87,13 @@ def semantic_targets(targets: list[dict], height: int, width: int) -> Tensor:
     return out
 
 
-def _dataset(cfg: Config, folder: Path) -> CocoInstances:
-    pre, synth = cfg.pretrain, cfg.data.synth
-    json_path = folder / "annotations" / "instances_train.json"
-    if not json_path.is_file():
-        generate_synthetic_coco(folder, pre.num_images, 0, seed=synth.seed + pre.seed_offset,
-                                image_size=synth.image_size, min_instances=synth.min_instances,
-                                max_instances=synth.max_instances, min_object_frac=synth.min_object_frac,
-                                max_object_frac=synth.max_object_frac)
-    transforms = build_transforms(True, list(cfg.data.train_short_sizes), cfg.data.train_max_size, 0.5)
-    return CocoInstances(json_path, folder / "images" / "train", transforms=transforms)
+def pretrain_data(cfg: Config, folder: Path):
+    """The preset's data config pointed at the pretraining images: its own folder, size and generator seed."""
+    synth = replace(cfg.data.synth, enabled=True, num_train=cfg.pretrain.num_images, num_val=0,
+                    seed=cfg.data.synth.seed + cfg.pretrain.seed_offset)
+    return replace(cfg.data, root=str(folder), synth=synth,
+                   train_json=str(annotation_path("", "train")), train_images="images/train",
+                   val_json=str(annotation_path("", "val")), val_images="images/val")
 
 
 def pretrain_backbone(cfg: Config, out: Path) -> dict:
@@ -108,7 +107,9 @@ def pretrain_backbone(cfg: Config, out: Path) -> dict:
 def _pretrain(cfg: Config, out: Path) -> dict:
     pre = cfg.pretrain
     started = time.perf_counter()
-    dataset = _dataset(cfg, out.with_suffix(".data"))
+    data_cfg = pretrain_data(cfg, out.with_suffix(".data"))
+    ensure_dataset(data_cfg)  # the generator's own folder rules and marker, as for the ablation's data
+    dataset = build_dataset(data_cfg, "train", train=True)
     backbone = BackboneFPN(cfg.model.backbone, cfg.model.hidden_dim, cfg.model.norm)
     head = DenseShapeHead(cfg.model.hidden_dim, len(SHAPES))
     params = [*backbone.parameters(), *head.parameters()]
