@@ -150,6 +150,8 @@ class TrainConfig:
     warmup_frac: float | None = None
     lr_step_fracs: list[float] | None = None
     lr_gamma: float = 0.1
+    # step: x lr_gamma at each lr_steps (the paper's); cosine: half-cosine from lr to 0 over max_steps after warm-up.
+    lr_schedule: str = "step"
     clip_grad_norm: float = 1.0
     checkpoint_every: int = 5000
     log_every: int = 20
@@ -282,6 +284,7 @@ def _rule(test: Callable[[float], bool], text: str, non_empty: bool = False) -> 
 _POSITIVE = _rule(lambda v: v >= 1, ">= 1")
 _COUNT = _rule(lambda v: v >= 0, ">= 0")
 _NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0 (finite)")
+LR_SCHEDULES = ("step", "cosine")
 _ABOVE_ZERO = _rule(lambda v: v > 0, "> 0 (finite)")
 _PROBABILITY = _rule(lambda v: 0 <= v <= 1, "[0, 1]")
 _FRACTION = _rule(lambda v: 0 < v <= 1, "(0, 1]")
@@ -312,6 +315,7 @@ VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": _rule(lambda v: 0 <= v < 1, "[0, 1)"),
     "train.warmup_frac": _rule(lambda v: 0 <= v < 1, "[0, 1)"),
     "model.freeze_at": _rule(lambda v: 0 <= v <= 2, "0, 1 or 2"),
+    "train.lr_schedule": (lambda v: v in LR_SCHEDULES, " or ".join(LR_SCHEDULES)),
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from istr.config import to_yaml
+from istr.config import ConfigError, load_config, to_yaml
 from istr.engine.train import NonFiniteLossError, lr_factor, train
 
 from .conftest import COCO_MINI, free_port, tiny_overrides
@@ -30,6 +30,18 @@ def test_lr_schedule_warmup_and_decay():
     assert lr_factor(5, 10, 0.01, [20], 0.1) == pytest.approx(0.505)
     assert lr_factor(10, 10, 0.01, [20], 0.1) == 1.0
     assert lr_factor(25, 10, 0.01, [20, 30], 0.1) == pytest.approx(0.1)
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_and_ignores_lr_steps():
+    assert lr_factor(5, 10, 0.01, [20], 0.1, cosine_steps=110) == pytest.approx(0.505)
+    assert lr_factor(10, 10, 0.01, [20], 0.1, cosine_steps=110) == 1.0
+    assert lr_factor(60, 10, 0.01, [20], 0.1, cosine_steps=110) == pytest.approx(0.5)
+    assert lr_factor(110, 10, 0.01, [20], 0.1, cosine_steps=110) == pytest.approx(0.0)
+
+
+def test_lr_schedule_key_is_checked():
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        load_config(None, ["train.lr_schedule=linear"])
 
 
 def test_train_writes_run_dir_and_coco_eval(tiny_cfg, tmp_path):

@@ -58,9 +58,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list[int], gamma: float) -> float:
-    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (docs/method.md#training)."""
-    factor = gamma ** sum(step >= s for s in lr_steps)
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    warmup_factor: float,
+    lr_steps: list[int],
+    gamma: float,
+    cosine_steps: int | None = None,
+) -> float:
+    """Linear warmup from ``warmup_factor`` to 1, then x``gamma`` at each of ``lr_steps`` (docs/method.md#training);
+    with ``cosine_steps`` a half-cosine from 1 to 0 between the warm-up's end and that step instead."""
+    if cosine_steps is None:
+        factor = gamma ** sum(step >= s for s in lr_steps)
+    else:
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, cosine_steps - warmup_steps))
+        factor = 0.5 * (1 + math.cos(math.pi * progress))
     if step < warmup_steps:
         alpha = step / warmup_steps
         factor *= warmup_factor * (1 - alpha) + alpha
@@ -82,11 +94,14 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     params = [p for p in model.parameters() if p.requires_grad]
     warmup_steps, lr_steps = schedule_steps(train_cfg)
+    cosine_steps = train_cfg.max_steps if train_cfg.lr_schedule == "cosine" else None
     # fused: one kernel for all parameters instead of ~10 per tensor (~8% of a tiny CPU step); same math.
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(step, warmup_steps, train_cfg.warmup_factor, lr_steps, train_cfg.lr_gamma),
+        lambda step: lr_factor(
+            step, warmup_steps, train_cfg.warmup_factor, lr_steps, train_cfg.lr_gamma, cosine_steps
+        ),
     )
     return optimizer, scheduler
 
