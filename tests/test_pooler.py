@@ -40,3 +40,14 @@ def test_grid_sample_matches_roi_align(box_scale, sampling_ratio):
     assert outputs[0].shape == (60, 49, 8)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(POOLERS))
+def test_poolers_run_under_bf16_autocast_with_boxes_on_several_levels(name):
+    # Under autocast grid_sample runs in float32 while the features are bf16; the multi-level packing must
+    # accept either (a GPU sweep cell crashed here on the first batch whose boxes spanned two levels).
+    features, boxes = _inputs(150.0)
+    features = {n: f.detach().bfloat16() for n, f in features.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = POOLERS[name](7, 2)(features, boxes)
+    assert pooled.shape == (60, 49, 8) and torch.isfinite(pooled.float()).all()

@@ -79,8 +79,7 @@ class GridSamplePooler(nn.Module):
         if len(used) == 1:  # common case (one object scale): no packing needed
             pooled = self.pool_level(features[LEVEL_NAMES[used[0]]], boxes, STRIDES[used[0]])
             return connect_unused_levels(pooled.flatten(0, 1), features, used)
-        first = features[LEVEL_NAMES[0]]
-        out = first.new_empty((batch, k, self.output_size**2, first.shape[1]))
+        out: Tensor | None = None
         for level in used:
             selected = levels == level
             # Pack each image's boxes of this level into the first slots of a [B, m, 4] tensor.
@@ -90,6 +89,8 @@ class GridSamplePooler(nn.Module):
             packed = boxes.new_zeros((batch, int(selected.sum(1).max()), 4))
             packed[b_idx, slots] = boxes[b_idx, q_idx]
             pooled = self.pool_level(features[LEVEL_NAMES[level]], packed, STRIDES[level])
+            if out is None:  # pooled's dtype, not the features': autocast runs grid_sample in float32
+                out = pooled.new_empty((batch, k, *pooled.shape[2:]))
             out[b_idx, q_idx] = pooled[b_idx, slots]
         return connect_unused_levels(out.flatten(0, 1), features, used)
 
