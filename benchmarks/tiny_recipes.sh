@@ -31,7 +31,7 @@ while read -r name overrides; do
   # shellcheck disable=SC2086  # the overrides are words; $OUT inside them is this script's folder
   eval "set -- $overrides"
   timeout "$left" "$PYTHON" -m istr train --config experiments/tiny.yaml --out "$OUT/runs/$name" \
-    "${common[@]}" "$@" > "$OUT/runs/$name.log" 2>&1 &
+    "${common[@]}" "$@" < /dev/null > "$OUT/runs/$name.log" 2>&1 &
 done < "$RECIPES"
 wait
 "$PYTHON" - "$OUT" "$(( $(date +%s) - started ))" <<'PY'

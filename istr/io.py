@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,16 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic(path, lambda handle: torch.save(obj, handle))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``, held for the ``with`` block: one writer at a time across processes
+    (the synthetic dataset's generation, results.csv writers, sweep storages off PostgreSQL)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

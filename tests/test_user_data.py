@@ -236,3 +236,37 @@ def test_synth_on_generates_into_a_missing_folder_once_and_names_a_mistyped_json
     with pytest.raises(DatasetError, match=r"data\.val_json names no file the generator writes"):
         ensure_dataset(typo.data)
     assert checksums(root) == generated
+
+
+def test_processes_started_together_generate_the_dataset_once(tmp_path, monkeypatch):
+    # Sweep cells and recipe variants start at once on one data.root; before the lock several generated
+    # into it at the same time and others read half-written PNGs.
+    import multiprocessing
+
+    import istr.data.build as build
+
+    root, calls = tmp_path / "shapes", tmp_path / "generations.txt"
+
+    def counted(*args, **kwargs):
+        with open(calls, "a") as handle:
+            handle.write("generate\n")
+        return generate_synthetic_coco(*args, **kwargs)
+
+    monkeypatch.setattr(build, "generate_synthetic_coco", counted)  # forked children inherit the patch
+    synth = ["data.synth.enabled=true", "data.synth.num_train=40", "data.synth.num_val=10", "data.synth.image_size=32"]
+    cfg = load_config(None, user_overrides(root, tmp_path, *synth))
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(3)
+
+    def start_together() -> None:
+        barrier.wait()
+        build.ensure_dataset(cfg.data)
+
+    workers = [context.Process(target=start_together) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    assert calls.read_text().splitlines() == ["generate"]
+    check_dataset(cfg.data, None)  # every image decodes

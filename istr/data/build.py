@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +26,7 @@ from istr.data.synth import (
     is_generated,
 )
 from istr.data.transforms import RandomCrop, build_transforms
+from istr.io import file_lock
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -40,6 +43,26 @@ def split_paths(data_cfg, split: str) -> tuple[Path, Path]:
 def _synth_params(synth) -> dict:
     return {k: getattr(synth, k) for k in ("num_train", "num_val", "image_size", "min_instances",
                                            "max_instances", "min_object_frac", "max_object_frac", "seed")}
+
+
+def generation_lock(root: Path) -> Path:
+    """A lock file per dataset folder in the system's temp dir: nothing is written beside a user's folder."""
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"istr-synth-{digest}.lock"
+
+
+def _claim_and_generate(root: Path, params: dict, synth, missing: list[str]) -> None:
+    try:
+        claim_folder(root, params)
+    except NotOurFolderError as err:
+        hint = f"; also check {', '.join(missing)} (not found under data.root)" if missing else ""
+        raise DatasetError(f"data.synth.enabled is true but data.root: {err}. "
+                           f"For your own dataset set data.synth.enabled=false{hint}") from None
+    log.warning("generating a synthetic shapes dataset under %s (data.synth.enabled=true); "
+                "for your own dataset set data.synth.enabled=false", root)
+    generate_synthetic_coco(root, synth.num_train, synth.num_val, seed=synth.seed, image_size=synth.image_size,
+                            min_instances=synth.min_instances, max_instances=synth.max_instances,
+                            min_object_frac=synth.min_object_frac, max_object_frac=synth.max_object_frac)
 
 
 def ensure_dataset(data_cfg) -> None:
@@ -66,17 +89,11 @@ def ensure_dataset(data_cfg) -> None:
     missing = [f"data.{s}_json={getattr(data_cfg, f'{s}_json')}" for s in SPLITS
                if not split_paths(data_cfg, s)[0].is_file()]
     if not complete:
-        try:
-            claim_folder(root, params)
-        except NotOurFolderError as err:
-            hint = f"; also check {', '.join(missing)} (not found under data.root)" if missing else ""
-            raise DatasetError(f"data.synth.enabled is true but data.root: {err}. "
-                               f"For your own dataset set data.synth.enabled=false{hint}") from None
-        log.warning("generating a synthetic shapes dataset under %s (data.synth.enabled=true); "
-                    "for your own dataset set data.synth.enabled=false", root)
-        generate_synthetic_coco(root, synth.num_train, synth.num_val, seed=synth.seed, image_size=synth.image_size,
-                                min_instances=synth.min_instances, max_instances=synth.max_instances,
-                                min_object_frac=synth.min_object_frac, max_object_frac=synth.max_object_frac)
+        # Processes started together (sweep cells, recipe variants) claim and generate once: the others wait
+        # here, then find the jsons, which the generator writes last.
+        with file_lock(generation_lock(root)):
+            if not (is_generated(root) and all(annotation_path(root, s).is_file() for s in SPLITS)):
+                _claim_and_generate(root, params, synth, missing)
     if missing := [s for s in SPLITS if not split_paths(data_cfg, s)[0].is_file()]:
         raise DatasetError(
             f"{', '.join(f'data.{s}_json' for s in missing)} names no file the generator writes; with "

@@ -21,9 +21,9 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from istr.io import atomic_write_text
+from istr.io import atomic_write_text, file_lock
 from istr.results import COLUMNS, METRICS, flat_metrics
-from istr.sweep.storage import file_lock, open_storage, stale_trials, study_dir, utc_now
+from istr.sweep.storage import open_storage, stale_trials, study_dir, utc_now
 
 TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, attempts, finished_at
 # the columns that come from the run dir; stored as flat user attrs of the trial that completed the cell

@@ -17,7 +17,6 @@ database, so machines that share nothing but the URL agree; a ``flock`` beside a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +34,8 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
+
+from istr.io import file_lock
 
 LEASE_TTL_S = 60.0
 HEARTBEAT_INTERVAL_S = 10
@@ -106,18 +107,6 @@ def storage_lock(url: str | None, root: Path, study: str, name: str = "queue"):
         path = study_dir(root, study) / "storage"
     with file_lock(path.with_name(f".{path.name}.{name}.lock")):
         yield
-
-
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` (results.csv writers, and :func:`storage_lock` off PostgreSQL)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def lease_path(root: Path, study: str, trial_number: int) -> Path:
