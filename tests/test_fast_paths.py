@@ -31,10 +31,10 @@ def test_fused_adamw_matches_the_per_tensor_implementation(tiny_cfg):
     assert not torch.equal(model[0].weight, torch.nn.Linear(8, 16).weight)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: the region search then runs on the GPU"))])
-def test_region_rle_is_byte_identical_to_pycocotools(device):
-    """encode_masks (runs from each mask's occupied box) vs pycocotools' encode of the full mask."""
+@pytest.mark.parametrize(("device", "by_changes"), [("cpu", False), ("cpu", True), pytest.param("cuda", None, marks=(
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the change search then runs on the GPU")))])
+def test_rle_is_byte_identical_to_pycocotools(device, by_changes):
+    """encode_masks (runs from each mask's occupied box, or from its value changes) vs pycocotools' encode."""
     import numpy as np
     from pycocotools import mask as mask_utils
 
@@ -51,9 +51,10 @@ def test_region_rle_is_byte_identical_to_pycocotools(device):
     masks[5, 10:12, 0:53] = True
     # masks[6] stays empty
     expected = mask_utils.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
-    got = encode_masks(masks.to(device))
+    got = encode_masks(masks.to(device), by_changes)
     assert [r["counts"] for r in got] == [r["counts"] for r in expected]
     assert [r["size"] for r in got] == [[height, width]] * 7
     pasted = torch.rand(3, 64, 96, generator=gen) > 0.5  # uint8 masks as postprocess returns them
     expected = mask_utils.encode(np.asfortranarray(pasted.numpy().astype(np.uint8).transpose(1, 2, 0)))
-    assert [r["counts"] for r in encode_masks(pasted.to(torch.uint8).to(device))] == [r["counts"] for r in expected]
+    got = encode_masks(pasted.to(torch.uint8).to(device), by_changes)
+    assert [r["counts"] for r in got] == [r["counts"] for r in expected]
