@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -126,23 +127,41 @@ def declare_rule(args: argparse.Namespace, axes: list[str]) -> dict[str, Any]:
 
 def _run_axes(
     args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str]
-) -> None:
+) -> dict[str, dict]:
+    """Each axis' sweep; returns its cell counts (:func:`istr.sweep.records.status_counts`) by axis."""
     from istr.sweep.runner import run_sweep
 
+    counts = {}
     for axis, n in seeds.items():
-        counts = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
-                           workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
-                           root=Path(args.root))  # fmt: skip
-        print(json.dumps(counts))
+        counts[axis] = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
+                                 workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
+                                 root=Path(args.root))  # fmt: skip
+        print(json.dumps(counts[axis]))
+    return counts
+
+
+def exit_if_any_unfinished(counts: Mapping[str, dict]) -> None:
+    """After the tables: exit as ``istr sweep`` does (1: cells failed or left, 3: cells still running elsewhere)
+    when any axis' final study is not complete, so a script never takes a partial table for a whole one."""
+    from istr.sweep.cli import exit_if_unfinished
+
+    unfinished = {axis: c for axis, c in counts.items() if c["done"] < c["total"]}
+    if not unfinished:
+        return
+    print(f"istr ablate: the tables above miss cells of {', '.join(unfinished)}", file=sys.stderr)
+    merged = {key: sum(c[key] for c in unfinished.values())
+              for key in ("done", "total", "running", "failed", "stale", "pending")}  # fmt: skip
+    merged["running_cells"] = [cell for c in unfinished.values() for cell in c.get("running_cells", [])]
+    exit_if_unfinished(merged)
 
 
 def _study(args: argparse.Namespace, preset: Path, axis: str) -> str:
     return f"{axis}-{args.name or preset.stem}"
 
 
-def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -> dict[str, str]:
+def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -> tuple[dict[str, str], dict]:
     """Pilot, plan (written to the rule file before any further seed runs), then every axis to its planned n;
-    returns {axis: the study holding its final seeds}.
+    returns {axis: the study holding its final seeds} and {axis: that study's cell counts}.
 
     An axis run past the pilot is a new study `<pilot study>-n<N>` with seeds 0..N-1: an Optuna study cannot widen
     its seed grid, and the pilot's cells are found finished and reused (same cell ids), not retrained.
@@ -150,7 +169,7 @@ def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -
     from analysis.load import load_results
 
     studies = {axis: _study(args, preset, axis) for axis in axes}
-    _run_axes(args, preset, {axis: PILOT_SEEDS for axis in axes}, studies)
+    counts = _run_axes(args, preset, {axis: PILOT_SEEDS for axis in axes}, studies)
     df = load_results(Path(args.root), list(studies.values()))
     sds = {axis: pilot_sd(df, axis, default_arm(df, axis, defaults)[0]) for axis in axes}
     arms = {axis: int(df.loc[df["axis"] == axis, "arm"].nunique()) for axis in axes}
@@ -171,8 +190,8 @@ def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -
         n = min(n, fit.target[axis])
         if n > PILOT_SEEDS:
             studies[axis] = f"{studies[axis]}-n{n}"
-            _run_axes(args, preset, {axis: n}, studies)
-    return studies
+            counts.update(_run_axes(args, preset, {axis: n}, studies))
+    return studies, counts
 
 
 def _n_reached(df: pd.DataFrame, axis: str) -> int:
@@ -219,11 +238,11 @@ def ablate_command(args: argparse.Namespace) -> None:
     atomic_write_json(rule_path, rule)
     print(f"seed rule (declared before the run, {rule_path}): {rule['rule']}")
     if args.seeds == "auto":
-        studies = list(_auto_seeds(args, preset, axes, defaults, rule, rule_path, started).values())
+        by_axis, counts = _auto_seeds(args, preset, axes, defaults, rule, rule_path, started)
     else:
         by_axis = {axis: _study(args, preset, axis) for axis in axes}
-        _run_axes(args, preset, {axis: args.seeds for axis in axes}, by_axis)
-        studies = list(by_axis.values())
+        counts = _run_axes(args, preset, {axis: args.seeds for axis in axes}, by_axis)
+    studies = list(by_axis.values())
     df = load_results(root, studies)
     rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
     atomic_write_json(rule_path, rule)
@@ -233,6 +252,7 @@ def ablate_command(args: argparse.Namespace) -> None:
     write_overlays(df, out / "figures", defaults=defaults)
     print_separation(df, axes, defaults)
     print(f"results: tables in {out}/ (*.md, *.tex, *.csv), figures in {out / 'figures'}/, seed rule in {rule_path}")
+    exit_if_any_unfinished(counts)
 
 
 def _seeds(text: str) -> int | str:

@@ -12,7 +12,7 @@ import pytest
 from analysis.load import COLUMNS, normalize, read_axes
 from analysis.stats import mde_effect_size, needed_n
 from istr import ablate
-from istr.ablate import AXES, PILOT_SEEDS, axis_defaults, new_cells, pilot_sd, plan_seeds
+from istr.ablate import AXES, PILOT_SEEDS, axis_defaults, exit_if_any_unfinished, new_cells, pilot_sd, plan_seeds
 from istr.cli import build_parser, main
 from tests.conftest import REPO
 
@@ -139,3 +139,19 @@ def test_ablate_runs_axes_then_writes_tables_and_figures(tmp_path, tiny_cfg_fact
     for stem in ("attention_mask_ap", "attention_learning_curves", "attention_overlays", "codec_dim",
                  "embedding_dim_overlays"):  # fmt: skip
         assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem
+
+
+def _counts(done: int, total: int, running: int = 0, failed: int = 0) -> dict:
+    return {"done": done, "total": total, "running": running, "failed": failed, "stale": 0,
+            "pending": total - done - running - failed, "running_cells": ["cell x on host y"] * running}
+
+
+def test_ablate_exits_like_sweep_when_an_axis_is_incomplete(capsys):
+    exit_if_any_unfinished({"loss": _counts(6, 6), "attention": _counts(6, 6)})  # complete: returns
+    with pytest.raises(SystemExit) as failed:
+        exit_if_any_unfinished({"loss": _counts(6, 6), "attention": _counts(4, 6, failed=2)})
+    assert failed.value.code == 1
+    assert "miss cells of attention" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as elsewhere:
+        exit_if_any_unfinished({"loss": _counts(5, 6, running=1)})
+    assert elsewhere.value.code == 3
