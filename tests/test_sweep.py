@@ -117,6 +117,12 @@ def test_grid_completes_rerun_trains_nothing_and_reuses_across_studies(tmp_path,
     assert len(other) == 4 and all(r["reused_from"] for r in other)
     assert cell_dirs(root, "other") == [] and metrics_lines(cell_dirs(root, "grid")) == before
 
+    counts = run_sweep(spec, study_name="grid", **{**kw, "seeds": 3})  # widened seed grid: only seed 2 trains
+    assert counts["done"] == 6 and counts["failed"] == 0
+    assert sorted(r["seed"] for r in read_rows(root, "grid")) == ["0", "0", "1", "1", "2", "2"]
+    after = metrics_lines(cell_dirs(root, "grid"))
+    assert len(after) == 6 and {name: after[name] for name in before} == before
+
 
 def test_two_workers_share_a_journal_and_run_each_cell_once(tmp_path, tiny_cfg_factory):
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])

@@ -72,11 +72,21 @@ class SweepPlan:
         return [*self.base_overrides(), *param_overrides(params)]
 
 
-def suggest(trial: optuna.Trial, parameters: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """W&B parameter specs -> Optuna suggestions (enqueued grid cells come back as fixed values)."""
+def _is_int_grid(values: list) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def suggest(trial: optuna.Trial, parameters: dict[str, dict[str, Any]], grid: bool = False) -> dict[str, Any]:
+    """W&B parameter specs -> Optuna suggestions (enqueued grid cells come back as fixed values).
+
+    In a grid, integer values (seeds, codec dims) are an int range rather than a categorical: Optuna refuses a
+    categorical whose choices change within a study, and ``--seeds 5`` on a 2-seed study must add cells.
+    """
     out: dict[str, Any] = {}
     for key, p in parameters.items():
-        if "values" in p:
+        if "values" in p and grid and _is_int_grid(list(p["values"])):
+            out[key] = trial.suggest_int(key, min(p["values"]), max(p["values"]))
+        elif "values" in p:
             out[key] = trial.suggest_categorical(key, list(p["values"]))
         elif "value" in p:
             out[key] = trial.suggest_categorical(key, [p["value"]])
@@ -216,7 +226,7 @@ def _duplicate_running(study: optuna.Study, trial: optuna.Trial, cell_id: str) -
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tuple[TrialState, float | None]:
     """Resolve the trial's cell and complete it (reuse or train); the caller tells Optuna."""
-    params = suggest(trial, plan.parameters)
+    params = suggest(trial, plan.parameters, grid=plan.method == "grid")
     overrides = plan.overrides(params)
     trial.set_user_attr("host", HOST)
     trial.set_user_attr("pid", os.getpid())
