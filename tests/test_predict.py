@@ -41,6 +41,17 @@ def test_summary_counts_detections_above_threshold_and_names_the_best_score():
     assert detection_summary(_prediction([], [], (4, 4)), 0.3) == "0 detections above 0.3 (max score none)"
 
 
+def test_overlay_shows_the_best_detections_when_none_passes_the_threshold():
+    image = Image.new("RGB", (64, 64))
+    prediction = _prediction([[8, 8, 30, 30], [34, 34, 60, 60]], [0.05, 0.2], (64, 64))
+    blank = np.asarray(draw_overlay(image, prediction, ["thing"], 0.3))
+    best = np.asarray(draw_overlay(image, prediction, ["thing"], 0.3, min_shown=1))
+    assert not blank.any()
+    zoom = best.shape[0] // 64
+    assert best[40 * zoom : 60 * zoom, 34 * zoom : 60 * zoom].any()  # the 0.2 box is drawn
+    assert not best[12 * zoom : 30 * zoom, 12 * zoom : 30 * zoom].any()  # the 0.05 one is not
+
+
 @pytest.mark.parametrize(("side", "min_width"), [(200, 1), (2000, 5)])
 def test_box_lines_grow_with_the_image(side, min_width):
     image = Image.new("RGB", (side, side))

@@ -70,8 +70,11 @@ def detection_summary(prediction: dict, score_threshold: float) -> str:
     return f"{kept} detection{'' if kept == 1 else 's'} above {score_threshold:g} (max score {best})"
 
 
-def draw_overlay(image: Image.Image, prediction: dict, names: list[str], score_threshold: float) -> Image.Image:
-    """Masks (translucent), boxes, class names and scores of detections above ``score_threshold``.
+def draw_overlay(
+    image: Image.Image, prediction: dict, names: list[str], score_threshold: float, min_shown: int = 0
+) -> Image.Image:
+    """Masks (translucent), boxes, class names and scores of detections above ``score_threshold``, or of the
+    ``min_shown`` best when fewer pass (a weakly trained model then still shows what it finds).
 
     Small images are enlarged (nearest neighbour) so the labels stay readable; line width and font
     size grow with the image, so they stay readable on large photos too.
@@ -83,7 +86,10 @@ def draw_overlay(image: Image.Image, prediction: dict, names: list[str], score_t
     font = ImageFont.load_default(size=max(10, side // 45))
     layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    keep = (prediction["scores"] >= score_threshold).nonzero().flatten().tolist()
+    scores = prediction["scores"]
+    keep = (scores >= score_threshold).nonzero().flatten().tolist()
+    if len(keep) < min_shown:
+        keep = scores.argsort(descending=True)[:min_shown].tolist()
     for rank, i in enumerate(keep):
         colour = _colour(rank)
         mask = Image.fromarray((prediction["masks"][i].cpu().numpy() * 255).astype(np.uint8))
@@ -128,10 +134,12 @@ def predict_files(run: LoadedRun, image_paths: list[Path]) -> Iterator[tuple[Ima
         yield image, predict_batch(run.model, run.codec, batch, run.device, cfg.max_detections, cfg.mask_threshold)[0]
 
 
-def overlay_images(run: LoadedRun, image_paths: list[Path], score_threshold: float = 0.3) -> list[Image.Image]:
+def overlay_images(
+    run: LoadedRun, image_paths: list[Path], score_threshold: float = 0.3, min_shown: int = 0
+) -> list[Image.Image]:
     """Run the model on image files; one prediction overlay (``draw_overlay``) per image."""
     return [
-        draw_overlay(image, prediction, run.category_names, score_threshold)
+        draw_overlay(image, prediction, run.category_names, score_threshold, min_shown)
         for image, prediction in predict_files(run, image_paths)
     ]
 

@@ -22,6 +22,7 @@ from istr.data.build import split_paths
 from istr.engine.predict import load_run, overlay_images
 
 log = logging.getLogger(__name__)
+SCORE_THRESHOLD, MIN_SHOWN = 0.3, 3  # detections drawn: score >= 0.3, else an image's best 3
 
 
 def _run_dir(df: pd.DataFrame, axis: str, arm: str) -> Path | None:
@@ -64,14 +65,14 @@ def overlay_grid(
     paths = val_images(run_dirs[0], count)
     fig, axes = plt.subplots(2, len(paths), figsize=(2.6 * len(paths), 5.6), squeeze=False)
     for r, (arm, run_dir) in enumerate(zip(arms, run_dirs)):
-        for c, image in enumerate(overlay_images(load_run(run_dir, device="cpu"), paths)):
+        for c, image in enumerate(overlay_images(load_run(run_dir, device="cpu"), paths, SCORE_THRESHOLD, MIN_SHOWN)):
             axes[r, c].imshow(image)
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(arm + (" (default)" if r == 0 else ""))
     for c, path in enumerate(paths):
         axes[0, c].set_title(path.name, fontsize=8)
-    fig.suptitle(f"{axis}: predictions (score ≥ 0.3) on the same val images")
+    fig.suptitle(f"{axis}: predictions (score ≥ {SCORE_THRESHOLD:g}, else the best {MIN_SHOWN}) on the same val images")
     fig.tight_layout()
     return fig
 
