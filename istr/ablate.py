@@ -163,8 +163,8 @@ def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -
     """Pilot, plan (written to the rule file before any further seed runs), then every axis to its planned n;
     returns {axis: the study holding its final seeds} and {axis: that study's cell counts}.
 
-    An axis run past the pilot is a new study `<pilot study>-n<N>` with seeds 0..N-1: an Optuna study cannot widen
-    its seed grid, and the pilot's cells are found finished and reused (same cell ids), not retrained.
+    An axis run past the pilot is a new study `<pilot study>-n<N>` with seeds 0..N-1, so the pilot study stays as
+    declared; the pilot's cells are found finished and reused (same cell ids), not retrained.
     """
     from analysis.load import load_results
 
