@@ -57,3 +57,40 @@ def test_region_rle_is_byte_identical_to_pycocotools(device):
     pasted = torch.rand(3, 64, 96, generator=gen) > 0.5  # uint8 masks as postprocess returns them
     expected = mask_utils.encode(np.asfortranarray(pasted.numpy().astype(np.uint8).transpose(1, 2, 0)))
     assert [r["counts"] for r in encode_masks(pasted.to(torch.uint8).to(device))] == [r["counts"] for r in expected]
+
+
+def _train_losses_and_grads(cfg, **model_overrides) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unweighted loss terms and parameter gradients of one ISTR step on a seeded synthetic batch."""
+    import dataclasses
+
+    from istr.bench.compare import fit_bench_codec, synthetic_batch
+    from istr.data.collate import collate_batch
+    from istr.losses import build_criterion, loss_weights, weighted_sum
+    from istr.matcher import build_matcher
+    from istr.model import build_model
+    from istr.targets import prepare_targets
+
+    codec = fit_bench_codec(cfg.codec.dim)
+    images, targets = synthetic_batch(2, 64, 96, num_classes=3)
+    batch = collate_batch(list(zip(images, targets)))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg.model, **model_overrides), 3, codec.dim)
+    criterion = build_criterion(cfg.loss, build_matcher(cfg.matcher, codec), codec)
+    target = prepare_targets(batch["targets"], batch["image_sizes"], codec, torch.device("cpu"))
+    losses = criterion(model(batch["images"], batch["image_sizes"]), target)
+    weighted_sum(losses, loss_weights(cfg.loss)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_sparse_pooler_trains_like_grid_sample(tiny_cfg):
+    """model.pooler=sparse vs grid_sample: every stage's loss terms (1e-5) and every parameter gradient (1e-4)."""
+    losses, grads = _train_losses_and_grads(tiny_cfg, pooler="grid_sample")
+    fast_losses, fast_grads = _train_losses_and_grads(tiny_cfg, pooler="sparse")
+    assert fast_losses.keys() == losses.keys() and len(losses) > 4
+    for name, value in losses.items():
+        torch.testing.assert_close(fast_losses[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert fast_grads.keys() == grads.keys()
+    assert any(n.startswith("backbone.fpn") and g.abs().sum() > 0 for n, g in grads.items())
+    for name, grad in grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -90,7 +90,7 @@ def build_istr(backbone: str, num_classes: int, num_queries: int | None, device:
         "model.hidden_dim=256",
         f"model.num_queries={num_queries or 300}",
         "model.num_stages=6",
-        f"model.pooler={'grid_sample' if device.type == 'cpu' else 'roi_align'}",
+        f"model.pooler={'sparse' if device.type == 'cpu' else 'roi_align'}",
     ]
     cfg = load_config(None, overrides)
     codec = fit_bench_codec(cfg.codec.dim, seed).to(device)
