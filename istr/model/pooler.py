@@ -141,11 +141,11 @@ class _SparseProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: Tensor, dense: Tensor) -> Tensor:
         ctx.matrix = matrix
-        return matrix @ dense
+        return torch.sparse.mm(matrix, dense, "sum")
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
-        return None, transpose_csr(ctx.matrix) @ grad.contiguous()
+        return None, torch.sparse.mm(transpose_csr(ctx.matrix), grad.contiguous(), "sum")
 
 
 def transpose_csr(matrix: Tensor) -> Tensor:
