@@ -94,3 +94,22 @@ def test_sparse_pooler_trains_like_grid_sample(tiny_cfg):
     assert any(n.startswith("backbone.fpn") and g.abs().sum() > 0 for n, g in grads.items())
     for name, grad in grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_split_linear_gradients_match_autograd():
+    """DynamicConv's parameter layer without the split's concatenation: gradcheck in float64, and the
+    same output and gradients as ``linear(...).split`` in float32 (1e-5)."""
+    from istr.model.head import _SplitLinear
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64, generator=gen) for shape in ((5, 6), (8, 6), (8,)))
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: _SplitLinear.apply(*a, 4), inputs)
+    results = []
+    for fast in (False, True):
+        leaves = [t.detach().float().requires_grad_() for t in inputs]
+        parts = _SplitLinear.apply(*leaves, 4) if fast else torch.nn.functional.linear(*leaves).split(4, dim=1)
+        (parts[0].sin().sum() + parts[1].pow(2).sum()).backward()
+        results.append([*parts, *(t.grad for t in leaves)])
+    for fast, plain in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
