@@ -113,3 +113,18 @@ def test_split_linear_gradients_match_autograd():
         results.append([*parts, *(t.grad for t in leaves)])
     for fast, plain in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_conv_gradients_pass_gradcheck():
+    """DynamicConv's fast backward (split linear, in-place ReLUs) against finite differences, float64."""
+    from istr.model.head import DynamicConv
+
+    torch.manual_seed(0)
+    conv = DynamicConv(hidden_dim=6, dynamic_dim=3, pooler_resolution=2).double()
+    queries = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    rois = torch.randn(4, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv, (queries, rois))
+    weight = conv.dynamic_layer.weight
+    assert torch.autograd.gradcheck(
+        lambda w: torch.func.functional_call(conv, {"dynamic_layer.weight": w}, (queries, rois)), (weight,)
+    )

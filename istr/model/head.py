@@ -79,9 +79,10 @@ class DynamicConv(nn.Module):
     def forward(self, queries: Tensor, roi_features: Tensor) -> Tensor:
         """queries [N, d], roi_features [N, S*S, d] -> [N, d]."""
         first, second = self.conv_params(queries)
-        x = torch.relu(self.norm1(torch.bmm(roi_features, first)))
-        x = torch.relu(self.norm2(torch.bmm(x, second)))
-        return torch.relu(self.norm3(self.out_layer(x.flatten(1))))
+        # in-place ReLUs: LayerNorm's backward needs its input, not its output; saves a [N, S*S, d] tensor
+        x = torch.relu_(self.norm1(torch.bmm(roi_features, first)))
+        x = torch.relu_(self.norm2(torch.bmm(x, second)))
+        return torch.relu_(self.norm3(self.out_layer(x.flatten(1))))
 
 
 class StaticConv(DynamicConv):
