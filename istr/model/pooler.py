@@ -165,34 +165,47 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> 
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
+class LevelPixels:
+    """Channels-last pixels [sum of B*H*W, C] of a set of FPN levels, made once per set in one forward."""
+
+    def __init__(self, features: dict[str, Tensor]) -> None:
+        self.levels = [features[name] for name in LEVEL_NAMES]
+        self.shapes = [tuple(f.shape[-2:]) for f in self.levels]
+        self._pixels: dict[tuple[int, ...], Tensor] = {}
+
+    def __getitem__(self, used: tuple[int, ...]) -> Tensor:
+        if used not in self._pixels:
+            flat = [self.levels[level].permute(0, 2, 3, 1).reshape(-1, self.levels[level].shape[1]) for level in used]
+            self._pixels[used] = flat[0] if len(flat) == 1 else torch.cat(flat)
+        return self._pixels[used]
+
+
 class SparsePooler(Pooler):
     """The grid_sample pooler's sampling (same points, border clamping) as ONE sparse matrix product.
 
-    All FPN levels of all images are flattened once per forward into one [pixels, C] matrix
-    (:meth:`prepare`); each RoI bin is a sparse row holding the bilinear weights of its r x r samples
+    The FPN levels the boxes use, flattened channels-last (:class:`LevelPixels`), are the columns of one
+    [pixels, C] matrix; each RoI bin is a sparse row holding the bilinear weights of its r x r samples
     (4 r^2 entries, 1/r^2 averaging folded in). Forward and backward are each one CSR x dense product,
-    reading whole C-vectors per pixel, where ``grid_sample`` on NCHW strides through channels.
-    For CPU fp32; its feature gradient is exact for every level, so no unused-level patch is needed.
+    reading whole C-vectors per pixel, where ``grid_sample`` on NCHW strides through channels; levels
+    no box uses cost nothing (ISTR's image feature gives every level a gradient). For CPU fp32.
     """
 
-    def prepare(self, features: dict[str, Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """P2-P5 [B,C,H,W] -> (channels-last pixels of every level and image [sum B*H*W, C], (H, W) per level)."""
-        levels = [features[name] for name in LEVEL_NAMES]
-        pixels = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in levels])
-        return pixels, [tuple(f.shape[-2:]) for f in levels]
+    def prepare(self, features: dict[str, Tensor]) -> LevelPixels:
+        """The levels' channels-last pixels, flattened on first use and shared by every stage of this forward."""
+        return LevelPixels(features)
 
     @torch.no_grad()
-    def sampling_matrix(self, boxes: Tensor, batch: int, shapes: list[tuple[int, int]], num_pixels: int) -> Tensor:
-        """CSR [B*k*S*S, pixels]: row (roi, bin) holds the weights of its 4 r^2 bilinear corners."""
+    def sampling_matrix(self, boxes: Tensor, levels: Tensor, used: list[int], shapes: list[tuple[int, int]]) -> Tensor:
+        """CSR [B*k*S*S, pixels of the ``used`` levels]: row (roi, bin) holds its 4 r^2 bilinear corners."""
         s, r = self.output_size, self.sampling_ratio
-        flat = boxes.flatten(0, 1)
-        levels = assign_levels(flat)
+        batch, flat = boxes.shape[0], boxes.flatten(0, 1)
         sizes = torch.tensor(shapes, device=boxes.device)  # [L, 2] (H, W)
         level_pixels = batch * sizes.prod(1)
-        base = torch.cat([level_pixels.new_zeros(1), level_pixels.cumsum(0)[:-1]])[levels]
+        base = torch.zeros_like(level_pixels)
+        base[used] = level_pixels[used].cumsum(0) - level_pixels[used]  # column offset of each used level
         image = torch.arange(batch, device=boxes.device).repeat_interleave(boxes.shape[1])
         height, width = sizes[levels].unbind(1)  # [R]
-        start = base + image * height * width
+        start = base[levels] + image * height * width
         stride = torch.tensor(STRIDES, device=boxes.device, dtype=boxes.dtype)[levels][:, None]
         steps = (torch.arange(s * r, device=boxes.device, dtype=boxes.dtype) + 0.5) / (s * r)
         x0, y0, x1, y1 = (flat / stride).unbind(-1)
@@ -215,12 +228,15 @@ class SparsePooler(Pooler):
         vals = (wy[:, :, None, :, None] * wx[:, None, :, None, :]) / r**2
         per_row = 4 * r * r
         crow = torch.arange(0, cols.numel() + 1, per_row, device=boxes.device)
+        num_pixels = int(level_pixels[used].sum())
         return _csr(crow, cols.flatten(), vals.flatten(), (cols.numel() // per_row, num_pixels))
 
-    def forward(self, prepared: tuple[Tensor, list[tuple[int, int]]], boxes: Tensor) -> Tensor:
+    def forward(self, prepared: LevelPixels, boxes: Tensor) -> Tensor:
         """(:meth:`prepare` output, boxes [B,k,4]) -> RoI tokens [B*k, S*S, C]."""
-        pixels, shapes = prepared
-        matrix = self.sampling_matrix(boxes, boxes.shape[0], shapes, pixels.shape[0])
+        levels = assign_levels(boxes.flatten(0, 1))
+        used = levels.unique().tolist()
+        pixels = prepared[tuple(used)]
+        matrix = self.sampling_matrix(boxes, levels, used, prepared.shapes)
         pooled = _SparseProduct.apply(matrix.to(pixels.dtype), pixels)
         return pooled.view(boxes.shape[0] * boxes.shape[1], self.output_size**2, pixels.shape[1])
 
