@@ -3,7 +3,8 @@
 glibc's malloc serves every block over its mmap threshold (at most 32 MB) with a fresh ``mmap`` and
 unmaps it on free, so each large tensor of a step (ISTR's 78 MB dynamic-conv parameters per stage,
 Mask R-CNN's RoI features) is zero-filled page by page by the kernel again on every step. This
-counted 0.7-2 s of system time per R50/512 ISTR train step on the 2-core development machine.
+counted 1-2 s of system time per R50/512 ISTR train step on the 2-core development machine (0.2-0.6 s
+with this setting; busy shared core, one thread).
 Applied to the whole process, i.e. to both benchmarked models alike.
 """
 
