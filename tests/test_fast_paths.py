@@ -58,3 +58,74 @@ def test_rle_is_byte_identical_to_pycocotools(device, by_changes):
     expected = mask_utils.encode(np.asfortranarray(pasted.numpy().astype(np.uint8).transpose(1, 2, 0)))
     got = encode_masks(pasted.to(torch.uint8).to(device), by_changes)
     assert [r["counts"] for r in got] == [r["counts"] for r in expected]
+
+
+def _train_losses_and_grads(cfg, **model_overrides) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unweighted loss terms and parameter gradients of one ISTR step on a seeded synthetic batch."""
+    import dataclasses
+
+    from istr.bench.compare import fit_bench_codec, synthetic_batch
+    from istr.data.collate import collate_batch
+    from istr.losses import build_criterion, loss_weights, weighted_sum
+    from istr.matcher import build_matcher
+    from istr.model import build_model
+    from istr.targets import prepare_targets
+
+    codec = fit_bench_codec(cfg.codec.dim)
+    images, targets = synthetic_batch(2, 64, 96, num_classes=3)
+    batch = collate_batch(list(zip(images, targets)))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg.model, **model_overrides), 3, codec.dim)
+    criterion = build_criterion(cfg.loss, build_matcher(cfg.matcher, codec), codec)
+    target = prepare_targets(batch["targets"], batch["image_sizes"], codec, torch.device("cpu"))
+    losses = criterion(model(batch["images"], batch["image_sizes"]), target)
+    weighted_sum(losses, loss_weights(cfg.loss)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_sparse_pooler_trains_like_grid_sample(tiny_cfg):
+    """model.pooler=sparse vs grid_sample: every stage's loss terms (1e-5) and every parameter gradient (1e-4)."""
+    losses, grads = _train_losses_and_grads(tiny_cfg, pooler="grid_sample")
+    fast_losses, fast_grads = _train_losses_and_grads(tiny_cfg, pooler="sparse")
+    assert fast_losses.keys() == losses.keys() and len(losses) > 4
+    for name, value in losses.items():
+        torch.testing.assert_close(fast_losses[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert fast_grads.keys() == grads.keys()
+    assert any(n.startswith("backbone.fpn") and g.abs().sum() > 0 for n, g in grads.items())
+    for name, grad in grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_split_linear_gradients_match_autograd():
+    """DynamicConv's parameter layer without the split's concatenation: gradcheck in float64, and the
+    same output and gradients as ``linear(...).split`` in float32 (1e-5)."""
+    from istr.model.head import _SplitLinear
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64, generator=gen) for shape in ((5, 6), (8, 6), (8,)))
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: _SplitLinear.apply(*a, 4), inputs)
+    results = []
+    for fast in (False, True):
+        leaves = [t.detach().float().requires_grad_() for t in inputs]
+        parts = _SplitLinear.apply(*leaves, 4) if fast else torch.nn.functional.linear(*leaves).split(4, dim=1)
+        (parts[0].sin().sum() + parts[1].pow(2).sum()).backward()
+        results.append([*parts, *(t.grad for t in leaves)])
+    for fast, plain in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_conv_gradients_pass_gradcheck():
+    """DynamicConv's fast backward (split linear, in-place ReLUs) against finite differences, float64."""
+    from istr.model.head import DynamicConv
+
+    torch.manual_seed(0)
+    conv = DynamicConv(hidden_dim=6, dynamic_dim=3, pooler_resolution=2).double()
+    queries = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    rois = torch.randn(4, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv, (queries, rois))
+    weight = conv.dynamic_layer.weight
+    assert torch.autograd.gradcheck(
+        lambda w: torch.func.functional_call(conv, {"dynamic_layer.weight": w}, (queries, rois)), (weight,)
+    )

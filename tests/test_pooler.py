@@ -1,4 +1,4 @@
-"""The grid_sample pooler must give the same RoI features (and gradients) as torchvision's roi_align."""
+"""The grid_sample and sparse poolers must give the same RoI features (and gradients) as torchvision's roi_align."""
 
 import pytest
 import torch
@@ -8,14 +8,26 @@ from istr.model.pooler import POOLERS, assign_levels
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
 
 
-def _inputs(box_scale: float, seed: int = 0):
+def _inputs(box_scale: float, seed: int = 0, low: float = 20):
+    """Features of a 256x256 image and 2x30 boxes from (low, low) onwards; low < 0 or box_scale > 230 leave the map."""
     generator = torch.Generator().manual_seed(seed)
     features = {
         n: torch.randn(2, 8, 256 // s, 256 // s, generator=generator, requires_grad=True) for n, s in STRIDES.items()
     }
-    xy = torch.rand(2, 30, 2, generator=generator) * 100 + 20
+    xy = torch.rand(2, 30, 2, generator=generator) * 100 + low
     wh = torch.rand(2, 30, 2, generator=generator) * box_scale + 4
-    return features, torch.cat([xy, (xy + wh).clamp(max=230)], -1)
+    corner = xy + wh
+    return features, torch.cat([xy, corner.clamp(max=230) if low >= 0 else corner], -1)
+
+
+def _pool(name: str, sampling_ratio: int, box_scale: float, low: float = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoI tokens of ``pooler(pooler.prepare(features), boxes)`` and d sum(tokens^2) / d features (all levels)."""
+    features, boxes = _inputs(box_scale, low=low)
+    pooler = POOLERS[name](7, sampling_ratio)
+    pooled = pooler(pooler.prepare(features), boxes)
+    pooled.pow(2).sum().backward()
+    grads = [torch.zeros_like(f).flatten() if f.grad is None else f.grad.flatten() for f in features.values()]
+    return pooled, torch.cat(grads)
 
 
 def test_level_rule_of_fpn():
@@ -23,23 +35,38 @@ def test_level_rule_of_fpn():
     assert assign_levels(boxes).tolist() == [2, 1, 0, 3]
 
 
+@pytest.mark.parametrize("name", ["grid_sample", "sparse"])
 @pytest.mark.parametrize("box_scale", [10.0, 150.0], ids=["one-level", "all-levels"])
 @pytest.mark.parametrize("sampling_ratio", [1, 2])
-def test_grid_sample_matches_roi_align(box_scale, sampling_ratio):
-    outputs, grads = [], []
-    for name in ("roi_align", "grid_sample"):
-        features, boxes = _inputs(box_scale)
-        pooled = POOLERS[name](7, sampling_ratio)(features, boxes)
-        pooled.pow(2).sum().backward()
-        outputs.append(pooled)
-        grads.append(
-            torch.cat(
-                [torch.zeros_like(f).flatten() if f.grad is None else f.grad.flatten() for f in features.values()]
-            )
-        )
-    assert outputs[0].shape == (60, 49, 8)
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3)
+def test_fixed_ratio_poolers_match_roi_align(name, box_scale, sampling_ratio):
+    """Inside the feature map both give RoIAlign's features and feature gradients (fp32, 1e-4 / 1e-3)."""
+    expected, expected_grad = _pool("roi_align", sampling_ratio, box_scale)
+    pooled, grad = _pool(name, sampling_ratio, box_scale)
+    assert expected.shape == (60, 49, 8)
+    torch.testing.assert_close(pooled, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("box_scale", [10.0, 150.0, 400.0], ids=["one-level", "all-levels", "past-the-map"])
+@pytest.mark.parametrize("sampling_ratio", [1, 2])
+def test_sparse_pooler_matches_grid_sample_everywhere(box_scale, sampling_ratio):
+    """Boxes reaching past every border (where RoIAlign differs) too: sparse = grid_sample (fp32, 1e-5 / 1e-4)."""
+    expected, expected_grad = _pool("grid_sample", sampling_ratio, box_scale, low=-40)
+    pooled, grad = _pool("sparse", sampling_ratio, box_scale, low=-40)
+    assert expected.abs().sum() > 0 and expected_grad.abs().sum() > 0
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_pooler_skips_levels_no_box_uses():
+    """Every box on P2: P3-P5 are never flattened nor given a gradient; the model's image feature reaches them."""
+    features, boxes = _inputs(10.0)
+    pooler = POOLERS["sparse"](7, 2)
+    prepared = pooler.prepare(features)
+    pooler(prepared, boxes).sum().backward()
+    assert features["p2"].grad.abs().sum() > 0
+    assert all(features[name].grad is None for name in ("p3", "p4", "p5"))
+    assert set(prepared._pixels) == {(0,)}
 
 
 @pytest.mark.parametrize("name", sorted(POOLERS))
@@ -48,6 +75,7 @@ def test_poolers_run_under_bf16_autocast_with_boxes_on_several_levels(name):
     # accept either (a GPU sweep cell crashed here on the first batch whose boxes spanned two levels).
     features, boxes = _inputs(150.0)
     features = {n: f.detach().bfloat16() for n, f in features.items()}
+    pooler = POOLERS[name](7, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pooled = POOLERS[name](7, 2)(features, boxes)
+        pooled = pooler(pooler.prepare(features), boxes)
     assert pooled.shape == (60, 49, 8) and torch.isfinite(pooled.float()).all()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from istr.bench.memory import keep_freed_memory
 from istr.bench.phases import istr_infer_phases, istr_train_phases, phase_summary, sync_device
 from istr.bench.sweep import add_sweep_overhead_arguments
 from istr.codecs import MASK_SIZE
@@ -90,7 +91,7 @@ def build_istr(backbone: str, num_classes: int, num_queries: int | None, device:
         "model.hidden_dim=256",
         f"model.num_queries={num_queries or 300}",
         "model.num_stages=6",
-        f"model.pooler={'grid_sample' if device.type == 'cpu' else 'roi_align'}",
+        f"model.pooler={'sparse' if device.type == 'cpu' else 'roi_align'}",
     ]
     cfg = load_config(None, overrides)
     codec = fit_bench_codec(cfg.codec.dim, seed).to(device)
@@ -251,6 +252,7 @@ def run_bench(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("istr bench: --device cuda but torch.cuda.is_available() is False")
     height, width = height or size, width or size
+    kept = dev.type == "cpu" and keep_freed_memory()  # before either model allocates
     b = Bench(dev, backbone, height, width, batch, num_classes, num_queries, seed)
     units = {
         ("istr", "inference"): b.istr_infer,
@@ -286,6 +288,7 @@ def run_bench(
             "dtype": "bf16-autocast" if b.amp else "fp32",
             "norm": "frozen_bn (both)",
             "optimizer": "AdamW + clip_grad_norm (both)",
+            "malloc_keeps_freed_memory": kept,  # istr.bench.memory, the whole process (both models)
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
         },

@@ -69,6 +69,7 @@ def istr_train_phases(b: Bench) -> tuple[dict[str, float], float]:
     matcher = b.criterion.matcher
     handles = t.hook(model.backbone, "backbone+fpn") + t.hook(model.pooler, "roi_pooling")
     matcher.match_stages = t.wrap("matcher", matcher.match_stages)  # instance attribute shadows the method
+    model.pooler.prepare = t.wrap("roi_pooling", model.pooler.prepare)
     model.train()
     try:
         start = time.perf_counter()
@@ -92,6 +93,7 @@ def istr_train_phases(b: Bench) -> tuple[dict[str, float], float]:
         for h in handles:
             h.remove()
         del matcher.match_stages
+        del model.pooler.prepare
     ms = t.ms
     phases = {
         "targets (crop+encode)": ms["targets"],

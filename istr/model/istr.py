@@ -88,11 +88,12 @@ class ISTR(nn.Module):
         # learnable embedding per query, as the authors' first release.
         image_feature = torch.stack([level.mean(dim=(2, 3)) for level in features.values()]).sum(0)
         queries = self.query_features.weight[None] + image_feature[:, None, :]
+        pooler_input = self.pooler.prepare(features)
         outputs: list[dict] = []
         for stage in self.stages:
             # docs/method.md#architecture: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
             stage_boxes = boxes.detach() if outputs else boxes
-            rois = self.pooler(features, stage_boxes.detach().to(features["p2"].dtype))  # [B*k, S*S, d]
+            rois = self.pooler(pooler_input, stage_boxes.detach().to(features["p2"].dtype))  # [B*k, S*S, d]
             out = stage(queries, rois, stage_boxes)
             queries, boxes = out.pop("queries"), out["boxes"]
             outputs.append(out)

@@ -1,14 +1,22 @@
 """RoI feature pooling: each query box reads an SxS feature grid from its FPN level (docs/method.md#architecture).
 
-Two interchangeable implementations (``model.pooler``):
+Interchangeable implementations (``model.pooler``):
 - ``roi_align``: torchvision's ``roi_align`` per level (the reference; its CPU kernels are single-threaded).
 - ``grid_sample``: the same bilinear RoIAlign sampling (aligned=True, fixed sampling ratio, FPN level
   rule of Eq. 1 in the FPN paper) done with one ``F.grid_sample`` per level, whose CPU forward and
   backward run multi-threaded. Interior samples match RoIAlign exactly; samples that fall outside
   the feature map read the border value.
+- ``sparse``: grid_sample's sampling (border included) as one sparse matrix product over all levels;
+  the fastest on CPU (fp32).
+
+A pooler is called as ``pooler(pooler.prepare(features), boxes)``; ``prepare`` runs once per forward
+and its result is shared by every stage.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +46,22 @@ def connect_unused_levels(pooled: Tensor, features: dict[str, Tensor], used: lis
     return pooled
 
 
-class GridSamplePooler(nn.Module):
+class Pooler(nn.Module):
+    """Base of the poolers: S x S bins of ``sampling_ratio`` x ``sampling_ratio`` samples each."""
+
+    adaptive_ratio = False  # True: sampling_ratio 0 means roi_align's adaptive count; else it is at least 1
+
     def __init__(self, output_size: int, sampling_ratio: int) -> None:
         super().__init__()
-        self.output_size, self.sampling_ratio = output_size, max(1, sampling_ratio)
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio if self.adaptive_ratio else max(1, sampling_ratio)
 
+    def prepare(self, features: dict[str, Tensor]) -> Any:
+        """The pooler's view of the FPN features, computed once per forward (here: the features as given)."""
+        return features
+
+
+class GridSamplePooler(Pooler):
     def sample_grid(self, boxes: Tensor, stride: int, height: int, width: int) -> Tensor:
         """Normalised grid_sample coordinates [..., S*S, r*r, 2] of the RoIAlign sampling points.
 
@@ -95,12 +114,10 @@ class GridSamplePooler(nn.Module):
         return connect_unused_levels(out.flatten(0, 1), features, used)
 
 
-class RoIAlignPooler(nn.Module):
+class RoIAlignPooler(Pooler):
     """torchvision ``roi_align`` (aligned=True, i.e. detectron2's ROIAlignV2 used by ISTR) per FPN level."""
 
-    def __init__(self, output_size: int, sampling_ratio: int) -> None:
-        super().__init__()
-        self.output_size, self.sampling_ratio = output_size, sampling_ratio
+    adaptive_ratio = True
 
     def forward(self, features: dict[str, Tensor], boxes: Tensor) -> Tensor:
         """features P2-P5 [B,C,H,W], boxes [B,k,4] -> RoI tokens [B*k, S*S, C]."""
@@ -119,4 +136,114 @@ class RoIAlignPooler(nn.Module):
         return connect_unused_levels(out.flatten(2).transpose(1, 2), features, used)
 
 
-POOLERS: dict[str, type[nn.Module]] = {"roi_align": RoIAlignPooler, "grid_sample": GridSamplePooler}
+class _SparseProduct(torch.autograd.Function):
+    """``matrix @ dense`` for a constant sparse CSR ``matrix``; the backward is the transposed product."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, dense: Tensor) -> Tensor:
+        ctx.matrix = matrix
+        return torch.sparse.mm(matrix, dense, "sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        return None, torch.sparse.mm(transpose_csr(ctx.matrix), grad.contiguous(), "sum")
+
+
+def transpose_csr(matrix: Tensor) -> Tensor:
+    """The CSR transpose of a CSR matrix: entries sorted by column (duplicate entries stay; products sum them)."""
+    rows = torch.arange(matrix.shape[0], device=matrix.device).repeat_interleave(matrix.crow_indices().diff())
+    cols = matrix.col_indices()
+    order = torch.argsort(cols)
+    crow = torch.zeros(matrix.shape[1] + 1, dtype=torch.int64, device=matrix.device)
+    crow[1:] = torch.bincount(cols, minlength=matrix.shape[1]).cumsum(0)
+    return _csr(crow, rows[order], matrix.values()[order], (matrix.shape[1], matrix.shape[0]))
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR tensor from indices built here (valid by construction, so torch's invariant check is skipped)."""
+    with warnings.catch_warnings():  # torch's once-per-process "sparse CSR is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+class LevelPixels:
+    """Channels-last pixels [sum of B*H*W, C] of a set of FPN levels, made once per set in one forward."""
+
+    def __init__(self, features: dict[str, Tensor]) -> None:
+        self.levels = [features[name] for name in LEVEL_NAMES]
+        self.shapes = [tuple(f.shape[-2:]) for f in self.levels]
+        self._pixels: dict[tuple[int, ...], Tensor] = {}
+
+    def __getitem__(self, used: tuple[int, ...]) -> Tensor:
+        if used not in self._pixels:
+            flat = [self.levels[level].permute(0, 2, 3, 1).reshape(-1, self.levels[level].shape[1]) for level in used]
+            self._pixels[used] = flat[0] if len(flat) == 1 else torch.cat(flat)
+        return self._pixels[used]
+
+
+class SparsePooler(Pooler):
+    """The grid_sample pooler's sampling (same points, border clamping) as ONE sparse matrix product.
+
+    The FPN levels the boxes use, flattened channels-last (:class:`LevelPixels`), are the columns of one
+    [pixels, C] matrix; each RoI bin is a sparse row holding the bilinear weights of its r x r samples
+    (4 r^2 entries, 1/r^2 averaging folded in). Forward and backward are each one CSR x dense product,
+    reading whole C-vectors per pixel, where ``grid_sample`` on NCHW strides through channels; levels
+    no box uses cost nothing (ISTR's image feature gives every level a gradient). For CPU fp32.
+    """
+
+    def prepare(self, features: dict[str, Tensor]) -> LevelPixels:
+        """The levels' channels-last pixels, flattened on first use and shared by every stage of this forward."""
+        return LevelPixels(features)
+
+    @torch.no_grad()
+    def sampling_matrix(self, boxes: Tensor, levels: Tensor, used: list[int], shapes: list[tuple[int, int]]) -> Tensor:
+        """CSR [B*k*S*S, pixels of the ``used`` levels]: row (roi, bin) holds its 4 r^2 bilinear corners."""
+        s, r = self.output_size, self.sampling_ratio
+        batch, flat = boxes.shape[0], boxes.flatten(0, 1)
+        sizes = torch.tensor(shapes, device=boxes.device)  # [L, 2] (H, W)
+        level_pixels = batch * sizes.prod(1)
+        base = torch.zeros_like(level_pixels)
+        base[used] = level_pixels[used].cumsum(0) - level_pixels[used]  # column offset of each used level
+        image = torch.arange(batch, device=boxes.device).repeat_interleave(boxes.shape[1])
+        height, width = sizes[levels].unbind(1)  # [R]
+        start = base[levels] + image * height * width
+        stride = torch.tensor(STRIDES, device=boxes.device, dtype=boxes.dtype)[levels][:, None]
+        steps = (torch.arange(s * r, device=boxes.device, dtype=boxes.dtype) + 0.5) / (s * r)
+        x0, y0, x1, y1 = (flat / stride).unbind(-1)
+
+        def corners(lo: Tensor, hi: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+            # aligned=True sample coordinates, clamped to the border as grid_sample's padding_mode="border"
+            pos = ((lo - 0.5)[:, None] + (hi - lo)[:, None] * steps).clamp(min=0)
+            pos = torch.minimum(pos, (size - 1)[:, None].to(pos.dtype))
+            low = pos.floor()
+            frac = pos - low
+            index = torch.stack((low, torch.minimum(low + 1, (size - 1)[:, None].to(pos.dtype))), -1).long()
+            weight = torch.stack((1 - frac, frac), -1)
+            return index.view(-1, s, 2 * r), weight.view(-1, s, 2 * r)  # [R, S, r*2]
+
+        ix, wx = corners(x0, x1, width)
+        iy, wy = corners(y0, y1, height)
+        # [R, S_y, S_x, 2r (y), 2r (x)]: every (y corner, x corner) pair of the bin's samples
+        row_start = start[:, None, None] + iy * width[:, None, None]  # [R, S_y, 2r]
+        cols = row_start[:, :, None, :, None] + ix[:, None, :, None, :]
+        vals = (wy[:, :, None, :, None] * wx[:, None, :, None, :]) / r**2
+        per_row = 4 * r * r
+        crow = torch.arange(0, cols.numel() + 1, per_row, device=boxes.device)
+        num_pixels = int(level_pixels[used].sum())
+        return _csr(crow, cols.flatten(), vals.flatten(), (cols.numel() // per_row, num_pixels))
+
+    def forward(self, prepared: LevelPixels, boxes: Tensor) -> Tensor:
+        """(:meth:`prepare` output, boxes [B,k,4]) -> RoI tokens [B*k, S*S, C]."""
+        levels = assign_levels(boxes.flatten(0, 1))
+        used = levels.unique().tolist()
+        pixels = prepared[tuple(used)]
+        matrix = self.sampling_matrix(boxes, levels, used, prepared.shapes)
+        pooled = _SparseProduct.apply(matrix.to(pixels.dtype), pixels)
+        return pooled.view(boxes.shape[0] * boxes.shape[1], self.output_size**2, pixels.shape[1])
+
+
+POOLERS: dict[str, type[Pooler]] = {
+    "roi_align": RoIAlignPooler,
+    "grid_sample": GridSamplePooler,
+    "sparse": SparsePooler,
+}
