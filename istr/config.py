@@ -101,7 +101,9 @@ class ModelConfig:
     dynamic_dim: int = 64
     pooler_resolution: int = 7
     pooler_sampling_ratio: int = 2
-    pooler: str = "roi_align"  # roi_align (torchvision) | grid_sample (same sampling, multi-threaded on CPU)
+    # roi_align (torchvision) | grid_sample (same sampling, multi-threaded on CPU) | sparse (grid_sample's
+    # sampling as one sparse product; fastest on CPU, CPU only) | auto (sparse on CPU, grid_sample elsewhere)
+    pooler: str = "roi_align"
     head_layers: int = 3  # Linear-LN-ELU blocks of the class, box and mask towers
     attention: str = "self+dynamic"
     prior_prob: float = 0.01

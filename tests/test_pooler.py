@@ -35,7 +35,7 @@ def test_level_rule_of_fpn():
     assert assign_levels(boxes).tolist() == [2, 1, 0, 3]
 
 
-@pytest.mark.parametrize("name", ["grid_sample", "sparse"])
+@pytest.mark.parametrize("name", ["grid_sample", "sparse", "auto"])
 @pytest.mark.parametrize("box_scale", [10.0, 150.0], ids=["one-level", "all-levels"])
 @pytest.mark.parametrize("sampling_ratio", [1, 2])
 def test_fixed_ratio_poolers_match_roi_align(name, box_scale, sampling_ratio):
@@ -79,3 +79,12 @@ def test_poolers_run_under_bf16_autocast_with_boxes_on_several_levels(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = pooler(pooler.prepare(features), boxes)
     assert pooled.shape == (60, 49, 8) and torch.isfinite(pooled.float()).all()
+
+
+def test_auto_pooler_is_sparse_on_the_cpu_and_grid_sample_on_other_devices():
+    features, boxes = _inputs(150.0)
+    pooler = POOLERS["auto"](7, 2)
+    assert pooler.prepare(features)[0] is pooler.cpu_pooler
+    torch.testing.assert_close(pooler(pooler.prepare(features), boxes), _pool("sparse", 2, 150.0)[0], rtol=0, atol=0)
+    on_device = {name: f.detach().to("meta") for name, f in features.items()}  # stands in for CUDA
+    assert pooler.prepare(on_device)[0] is pooler.device_pooler

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from istr.bench.memory import keep_freed_memory
 from istr.bench.phases import istr_infer_phases, istr_train_phases, phase_summary, sync_device
 from istr.bench.sweep import add_sweep_overhead_arguments
 from istr.codecs import MASK_SIZE
+from istr.engine.memory import keep_freed_memory
 
 BACKBONES = {"r18": "resnet18", "r50": "resnet50", "r101": "resnet101"}
 
@@ -288,7 +288,7 @@ def run_bench(
             "dtype": "bf16-autocast" if b.amp else "fp32",
             "norm": "frozen_bn (both)",
             "optimizer": "AdamW + clip_grad_norm (both)",
-            "malloc_keeps_freed_memory": kept,  # istr.bench.memory, the whole process (both models)
+            "malloc_keeps_freed_memory": kept,  # istr.engine.memory, the whole process (both models)
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
         },

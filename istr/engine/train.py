@@ -34,6 +34,7 @@ from istr.data.build import (
 from istr.engine import dist as D
 from istr.engine.checkpoint import load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
+from istr.engine.memory import keep_freed_memory
 from istr.engine.pretrain import resolve_backbone_weights
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
@@ -267,8 +268,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             {"config_hash": config_hash(cfg), "world_size": info.world_size, "device": str(info.device)},
         )
     D.barrier()
-    if cfg.train.num_threads and info.device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
+    if info.device.type == "cpu":
+        keep_freed_memory()  # large per-step tensors reuse the heap instead of fresh zero-filled pages
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
 
     with _removed_on_failure(run_dir, fresh):

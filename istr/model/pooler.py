@@ -7,7 +7,8 @@ Interchangeable implementations (``model.pooler``):
   backward run multi-threaded. Interior samples match RoIAlign exactly; samples that fall outside
   the feature map read the border value.
 - ``sparse``: grid_sample's sampling (border included) as one sparse matrix product over all levels;
-  the fastest on CPU (fp32).
+  the fastest on CPU (CPU only).
+- ``auto``: ``sparse`` on the CPU, ``grid_sample`` on other devices.
 
 A pooler is called as ``pooler(pooler.prepare(features), boxes)``; ``prepare`` runs once per forward
 and its result is shared by every stage.
@@ -242,8 +243,28 @@ class SparsePooler(Pooler):
         return pooled.view(boxes.shape[0] * boxes.shape[1], self.output_size**2, pixels.shape[1])
 
 
+class AutoPooler(Pooler):
+    """``sparse`` where the features are on the CPU, ``grid_sample`` elsewhere (CUDA; its sparse product is
+    CPU-only): the same sampling on every device, so a preset runs unchanged on a laptop and on a GPU."""
+
+    def __init__(self, output_size: int, sampling_ratio: int) -> None:
+        super().__init__(output_size, sampling_ratio)
+        self.cpu_pooler = SparsePooler(output_size, sampling_ratio)
+        self.device_pooler = GridSamplePooler(output_size, sampling_ratio)
+
+    def prepare(self, features: dict[str, Tensor]) -> tuple[Pooler, Any]:
+        on_cpu = features[LEVEL_NAMES[0]].device.type == "cpu"
+        pooler = self.cpu_pooler if on_cpu else self.device_pooler
+        return pooler, pooler.prepare(features)
+
+    def forward(self, prepared: tuple[Pooler, Any], boxes: Tensor) -> Tensor:
+        pooler, features = prepared
+        return pooler(features, boxes)
+
+
 POOLERS: dict[str, type[Pooler]] = {
     "roi_align": RoIAlignPooler,
     "grid_sample": GridSamplePooler,
     "sparse": SparsePooler,
+    "auto": AutoPooler,
 }

@@ -1,4 +1,4 @@
-"""istr.bench.memory: after keep_freed_memory, large tensors come from glibc's heap, not from fresh mappings."""
+"""istr.engine.memory: after keep_freed_memory, large tensors come from glibc's heap, not from fresh mappings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import platform
 import pytest
 import torch
 
-from istr.bench.memory import keep_freed_memory
+from istr.engine.memory import keep_freed_memory
 
 
 class _MallInfo2(ctypes.Structure):
