@@ -7,7 +7,7 @@
 #   RECIPES   variant list (default benchmarks/tiny_recipes.txt), one "name override ..." per line
 #   ONLY      optional space-separated names to run (default: every line)
 #   JOBS      variants run at once (default 1; on one GPU, all of them: each is one process)
-#   DEADLINE  seconds after which unfinished variants are stopped (default 3600); their evals so far stay
+#   DEADLINE  seconds after which unfinished variants are stopped (default 0: none); their evals so far stay
 #   CACHE     cache_dir (default runs/cache); DATA: data.root (default: the preset's)
 #   EVAL_EVERY  train.eval_every (default 400), the points of each learning curve
 #   PYTHON    interpreter (default python3)
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-tiny_recipes}
 RECIPES=${RECIPES:-benchmarks/tiny_recipes.txt}
 JOBS=${JOBS:-1}
-DEADLINE=${DEADLINE:-3600}
+DEADLINE=${DEADLINE:-0}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT/runs"
 common=("cache_dir=${CACHE:-runs/cache}" "train.eval_every=${EVAL_EVERY:-400}" logging.progress=false logging.wandb=false)
@@ -26,8 +26,11 @@ while read -r name overrides; do
   case "$name" in ''|'#'*) continue ;; esac
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-  left=$(( DEADLINE - ($(date +%s) - started) ))
-  [ "$left" -le 0 ] && break
+  left=0  # timeout 0 = no limit
+  if [ "$DEADLINE" -gt 0 ]; then
+    left=$(( DEADLINE - ($(date +%s) - started) ))
+    [ "$left" -le 0 ] && break
+  fi
   # shellcheck disable=SC2086  # the overrides are words; $OUT inside them is this script's folder
   eval "set -- $overrides"
   timeout "$left" "$PYTHON" -m istr train --config experiments/tiny.yaml --out "$OUT/runs/$name" \
