@@ -63,7 +63,7 @@ OMP_NUM_THREADS=1 timeout "$PACK_DEADLINE" "${ISTR[@]}" sweep "sweeps/$AXIS.yaml
   --set logging.wandb=false --set train.num_threads=1 > "$OUT/sweep.log" 2>&1 &
 sweep_pid=$!
 if [ -n "${RECIPES:-}" ]; then
-  OMP_NUM_THREADS=1 OUT="$OUT/recipes" RECIPES="$RECIPES" JOBS=64 DEADLINE=$(( PACK_DEADLINE - 15 )) \
+  OMP_NUM_THREADS=1 OUT="$OUT/recipes" RECIPES="$RECIPES" JOBS=64 DEADLINE=$(( PACK_DEADLINE > 30 ? PACK_DEADLINE - 15 : 15 )) \
     CACHE="$CACHE" DATA="$DATA" PYTHON="$PYTHON" bash benchmarks/tiny_recipes.sh > "$OUT/recipes.log" 2>&1
 fi
 wait "$sweep_pid"
