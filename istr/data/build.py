@@ -65,6 +65,10 @@ def _claim_and_generate(root: Path, params: dict, synth, missing: list[str]) -> 
                             min_object_frac=synth.min_object_frac, max_object_frac=synth.max_object_frac)
 
 
+def _generated_and_complete(root: Path) -> bool:
+    return is_generated(root) and all(annotation_path(root, s).is_file() for s in SPLITS)
+
+
 def ensure_dataset(data_cfg) -> None:
     """Make sure ``data.root`` holds a dataset; generate the synthetic one only where that is safe.
 
@@ -80,19 +84,16 @@ def ensure_dataset(data_cfg) -> None:
             raise DatasetError(f"data.root={root} does not exist; point data.root at your COCO-format dataset")
         return
     params = _synth_params(synth)
-    complete = False
-    if is_generated(root):
-        if json.loads((root / MARKER).read_text()) != params:
-            raise DatasetError(f"{root} was generated with {(root / MARKER).read_text().strip()}, not {params}; "
-                               "delete it or point data.root elsewhere")
-        complete = all(annotation_path(root, s).is_file() for s in SPLITS)
+    if is_generated(root) and json.loads((root / MARKER).read_text()) != params:
+        raise DatasetError(f"{root} was generated with {(root / MARKER).read_text().strip()}, not {params}; "
+                           "delete it or point data.root elsewhere")
     missing = [f"data.{s}_json={getattr(data_cfg, f'{s}_json')}" for s in SPLITS
                if not split_paths(data_cfg, s)[0].is_file()]
-    if not complete:
+    if not _generated_and_complete(root):
         # Processes started together (sweep cells, recipe variants) claim and generate once: the others wait
         # here, then find the jsons, which the generator writes last.
         with file_lock(generation_lock(root)):
-            if not (is_generated(root) and all(annotation_path(root, s).is_file() for s in SPLITS)):
+            if not _generated_and_complete(root):
                 _claim_and_generate(root, params, synth, missing)
     if missing := [s for s in SPLITS if not split_paths(data_cfg, s)[0].is_file()]:
         raise DatasetError(
