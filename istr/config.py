@@ -154,6 +154,8 @@ class TrainConfig:
     lr_gamma: float = 0.1
     # step: x lr_gamma at each lr_steps (the paper's); cosine: half-cosine from lr to 0 over max_steps after warm-up.
     lr_schedule: str = "step"
+    # lr of the (pretrained) backbone + FPN relative to train.lr; 1 = one lr for all, as the paper.
+    backbone_lr_mult: float = 1.0
     clip_grad_norm: float = 1.0
     checkpoint_every: int = 5000
     log_every: int = 20
@@ -307,7 +309,8 @@ VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(["matcher.cost_class", "matcher.cost_l1", "matcher.cost_giou", "matcher.cost_mask",
                      "matcher.focal_gamma", "loss.weight_class", "loss.weight_l1", "loss.weight_giou",
                      "loss.weight_mask", "loss.focal_gamma", "train.weight_decay"], _NON_NEGATIVE),
-    **dict.fromkeys(["train.lr", "train.clip_grad_norm", "pretrain.lr", "data.crop.size"], _ABOVE_ZERO),
+    **dict.fromkeys(["train.lr", "train.clip_grad_norm", "train.backbone_lr_mult", "pretrain.lr", "data.crop.size"],
+                    _ABOVE_ZERO),
     **dict.fromkeys(["data.flip_prob", "matcher.focal_alpha", "loss.focal_alpha", "eval.mask_threshold",
                      "train.warmup_factor", "data.crop.prob"], _PROBABILITY),
     **dict.fromkeys(["data.synth.min_object_frac", "data.synth.max_object_frac", "train.lr_gamma",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from istr.config import ConfigError, load_config, to_yaml
-from istr.engine.train import NonFiniteLossError, lr_factor, train
+from istr.engine.train import NonFiniteLossError, build_optimizer, lr_factor, train
 
 from .conftest import COCO_MINI, free_port, tiny_overrides
 
@@ -37,6 +37,21 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_and_ignores_lr_steps():
     assert lr_factor(10, 10, 0.01, [20], 0.1, cosine_steps=110) == 1.0
     assert lr_factor(60, 10, 0.01, [20], 0.1, cosine_steps=110) == pytest.approx(0.5)
     assert lr_factor(110, 10, 0.01, [20], 0.1, cosine_steps=110) == pytest.approx(0.0)
+
+
+def test_backbone_lr_mult_scales_only_the_backbone_and_follows_the_schedule():
+    model = torch.nn.Module()
+    model.backbone, model.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    overrides = ["train.lr=1e-3", "train.backbone_lr_mult=0.1", "train.warmup_steps=0", "train.lr_steps=[1]"]
+    cfg = load_config(None, overrides)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    head, backbone = optimizer.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert (head["lr"], backbone["lr"]) == pytest.approx((1e-3, 1e-4))
+    optimizer.step()
+    scheduler.step()
+    assert (head["lr"], backbone["lr"]) == pytest.approx((1e-4, 1e-5))
+    assert len(build_optimizer(model, load_config(None, []).train)[0].param_groups) == 1
 
 
 def test_lr_schedule_key_is_checked():
