@@ -15,6 +15,7 @@ from scipy import stats
 from analysis.load import COLUMNS, NoResultsError, load_results, normalize, read_axes
 from analysis.stats import default_arm, mde, paired_vs_default, summarize
 from analysis.tables import DASH, axis_table, main, to_csv, to_latex, to_markdown
+from istr.config import load_config
 from istr.results import METRICS
 from tests.conftest import REPO
 
@@ -83,7 +84,8 @@ def test_default_arms_are_the_presets_values_and_fallback(tmp_path: Path) -> Non
     expected = {"embedding": "pca", "embedding_dim": "60", "mask_cost": "cosine", "loss": "l2+dice",
                 "attention": "self+dynamic"}  # fmt: skip
     assert {axis: defaults[axis] for axis in expected} == expected
-    assert defaults["hparams"].startswith("train.lr=0.0005,train.weight_decay=")  # several keys: k=v,k=v
+    lr = load_config(REPO / "experiments" / "tiny.yaml").train.lr
+    assert defaults["hparams"].startswith(f"train.lr={lr},train.weight_decay=")  # several keys: k=v,k=v
     preset = tmp_path / "base.yaml"
     preset.write_text("codec:\n  dim: 16\nmodel:\n  attention: self\n")
     _, other = read_axes(REPO / "sweeps", preset)
