@@ -55,6 +55,20 @@ def test_noisy_detections_have_eval_noise(gt: Path, tmp_path: Path) -> None:
     assert result["ci95"][0] < result["ap"] < result["ci95"][1]
 
 
+def test_paired_difference_uses_the_same_draws_for_both(gt: Path, tmp_path: Path) -> None:
+    noisy = _write(tmp_path, _detections(gt, shift_every=2))
+    same = bootstrap_ap(gt, noisy, iters=30, dt_b=noisy)  # a model against itself: no difference on any draw
+    assert same["diff"] == 0 and same["diff_sd"] == 0 and same["diff_ci95"] == [0, 0]
+    perfect = tmp_path / "perfect.json"
+    perfect.write_text(json.dumps(_detections(gt)))
+    pair = bootstrap_ap(gt, perfect, iters=40, seed=2, dt_b=noisy)
+    alone = bootstrap_ap(gt, noisy, iters=40, seed=2)
+    assert pair["ap"] == pytest.approx(100.0) and pair["ap_b"] == pytest.approx(alone["ap"])
+    assert pair["diff"] == pytest.approx(100.0 - alone["ap"])
+    assert pair["diff_sd"] == pytest.approx(alone["sd"])  # perfect is 100 on every draw: only dt-b moves
+    assert pair["diff_ci95"][0] <= pair["diff"] <= pair["diff_ci95"][1]
+
+
 def test_resample_equals_cocoeval_on_the_resampled_dataset(gt: Path, tmp_path: Path) -> None:
     """One draw re-accumulated from the per-image records == a fresh COCOeval of a GT/detections set in which
     each drawn image (repeats included) is its own image."""
@@ -90,6 +104,8 @@ def test_cli_prints_json_and_names_bad_files(gt: Path, tmp_path: Path, capsys: p
     dt = _write(tmp_path, _detections(gt))
     assert main(["--gt", str(gt), "--dt", str(dt), "--iters", "5"]) == 0
     assert json.loads(capsys.readouterr().out)["sd"] == pytest.approx(0.0, abs=1e-9)
+    assert main(["--gt", str(gt), "--dt", str(dt), "--dt-b", str(dt), "--iters", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["diff_sd"] == 0
     bad = tmp_path / "bad.json"
     bad.write_text('[{"image_id": 99999, "category_id": 1, "score": 1.0}]')
     assert main(["--gt", str(gt), "--dt", str(bad)]) == 2
