@@ -288,12 +288,13 @@ def _rule(test: Callable[[float], bool], text: str, non_empty: bool = False) -> 
 _POSITIVE = _rule(lambda v: v >= 1, ">= 1")
 _COUNT = _rule(lambda v: v >= 0, ">= 0")
 _NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0 (finite)")
-LR_SCHEDULES = ("step", "cosine")
 _ABOVE_ZERO = _rule(lambda v: v > 0, "> 0 (finite)")
 _PROBABILITY = _rule(lambda v: 0 <= v <= 1, "[0, 1]")
 _FRACTION = _rule(lambda v: 0 < v <= 1, "(0, 1]")
 
-# Every numeric key with a domain; each element of a list value must be in range.
+LR_SCHEDULES = ("step", "cosine")  # train.lr_schedule (lr_factor in istr/engine/train.py)
+
+# Every numeric key with a domain, and train.lr_schedule's names; each element of a list value must be in range.
 VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.train_short_sizes": _rule(lambda v: v >= 1, "a non-empty list of values >= 1", non_empty=True),
     **dict.fromkeys(["data.train_max_size", "data.test_short_size", "data.test_max_size",
