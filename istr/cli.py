@@ -177,12 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from istr.config import ConfigError
     from istr.data.coco import DatasetError
+    from istr.engine.checkpoint import CheckpointError
+    from istr.engine.rundir import RunDirError
     from istr.engine.train import NonFiniteLossError
     from istr.registry import UnknownArmError
 
+    expected = (ConfigError, UnknownArmError, DatasetError, NonFiniteLossError, RunDirError, CheckpointError,
+                FileNotFoundError, FileExistsError)
     try:
         args.func(args)
-    except (ConfigError, UnknownArmError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
+    except expected as err:
         print(f"istr {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

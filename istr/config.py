@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from istr.mask_size import MASK_SIZE
 
 
 class ConfigError(ValueError):
@@ -158,6 +161,9 @@ class TrainConfig:
     backbone_lr_mult: float = 1.0
     clip_grad_norm: float = 1.0
     checkpoint_every: int = 5000
+    # false: a finished run keeps its weights only (a third of the checkpoint); true: also the optimizer
+    # and scheduler state, so that it can be resumed with a larger max_steps.
+    keep_optimizer_state: bool = False
     log_every: int = 20
     eval_every: int = 0  # 0 = evaluate only at the end
     device: str = "auto"  # auto | cpu | cuda
@@ -257,6 +263,21 @@ def _drop_retired(loaded: DictConfig, source: str) -> DictConfig:
     return loaded
 
 
+def _read_yaml(path: Path) -> DictConfig:
+    """``path`` as a mapping; a YAML syntax error names the file and the line."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} holds a {type(loaded).__name__}, not a mapping of config keys")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML preset at ``path`` <- ``key.sub=value`` overrides."""
     cfg = OmegaConf.structured(Config)
@@ -264,7 +285,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, _drop_retired(OmegaConf.load(path), str(path)), str(path))
+        cfg = _merge(cfg, _drop_retired(_read_yaml(path), str(path)), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
@@ -299,7 +320,7 @@ VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.train_short_sizes": _rule(lambda v: v >= 1, "a non-empty list of values >= 1", non_empty=True),
     **dict.fromkeys(["data.train_max_size", "data.test_short_size", "data.test_max_size",
                      "data.size_divisibility", "data.synth.num_train", "data.synth.num_val",
-                     "data.synth.max_instances", "codec.dim", "codec.max_fit_masks", "model.hidden_dim",
+                     "data.synth.max_instances", "codec.max_fit_masks", "model.hidden_dim",
                      "model.num_queries", "model.num_stages", "model.num_heads", "model.ffn_dim",
                      "model.dynamic_dim", "model.pooler_resolution", "model.head_layers", "train.max_steps",
                      "train.batch_size", "train.checkpoint_every", "train.log_every", "eval.max_detections",
@@ -317,6 +338,8 @@ VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(["data.synth.min_object_frac", "data.synth.max_object_frac", "train.lr_gamma",
                      "train.lr_step_fracs"], _FRACTION),
     "data.synth.image_size": _rule(lambda v: v >= 16, ">= 16"),
+    # an embedding longer than the mask it encodes has no use, and PCA/DCT have no more components
+    "codec.dim": _rule(lambda v: 1 <= v <= MASK_SIZE**2, f"1 to {MASK_SIZE**2} (the mask's pixels)"),
     "model.prior_prob": _rule(lambda v: 0 < v < 1, "(0, 1)"),
     "model.dropout": _rule(lambda v: 0 <= v < 1, "[0, 1)"),
     "train.warmup_frac": _rule(lambda v: 0 <= v < 1, "[0, 1)"),

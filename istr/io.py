@@ -17,10 +17,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -43,6 +46,17 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files that killed atomic writes left in ``folder`` (a checkpoint's can be hundreds of MB).
+
+    Only for a folder whose writer is the caller alone: another writer's temp file may be in flight.
+    """
+    stale = sorted(Path(folder).glob(f".*{_TEMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 @contextmanager

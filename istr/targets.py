@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from istr.codecs.base import MASK_SIZE
+from istr.mask_size import MASK_SIZE
 
 
 def crop_masks(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from istr.data.checks import check_records
 from istr.data.coco import CocoInstances, DatasetError
 
 H, W = 16, 20  # image 10
@@ -179,6 +180,116 @@ def test_missing_image_fails_at_construction(tmp_path: Path) -> None:
     (tmp_path / "b.png").unlink()
     with pytest.raises(DatasetError, match=r"b\.png.*image id 20"):
         CocoInstances(path, tmp_path)
+
+
+def test_missing_image_names_the_image_folder_key(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(DatasetError, match=r"check data\.train_images / data\.val_images or"):
+        CocoInstances(path, tmp_path)  # the split is not known here: both keys
+    with pytest.raises(DatasetError, match=r"check data\.val_images or"):
+        CocoInstances(path, tmp_path, split="val")
+
+
+def _duplicate_image_id(data: dict) -> None:
+    data["images"][1]["id"] = 10  # b.png's record would replace a.png's, and a.png's masks be drawn onto b.png
+
+
+def _duplicate_annotation_id(data: dict) -> None:
+    data["annotations"][2]["id"] = 1  # COCOeval would see annotation 3 twice and annotation 1 never
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        (_duplicate_image_id, ["instances.json", "image ids 10 ", "'images'"]),
+        (_duplicate_annotation_id, ["instances.json", "annotation ids 1 ", "'annotations'"]),
+    ],
+)
+def test_duplicate_ids_fail_naming_json_and_ids(
+    tmp_path: Path, edit: Callable[[dict], None], needles: list[str]
+) -> None:
+    with pytest.raises(DatasetError) as info:
+        CocoInstances(_write(tmp_path, edit), tmp_path)
+    for needle in needles:
+        assert needle in str(info.value)
+    assert "RLE size" not in str(info.value)  # not blamed on a mask
+
+
+def _no_annotations(data: dict) -> None:
+    data["annotations"] = []
+
+
+def _crowd_only(data: dict) -> None:
+    data["annotations"] = [data["annotations"][3]]
+
+
+def _all_outside(data: dict) -> None:
+    data["annotations"] = [data["annotations"][0]]
+    data["annotations"][0]["segmentation"] = [[30, 2, 38, 2, 38, 6, 30, 6]]  # right of the 20 px wide image
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (_no_annotations, "'annotations' is empty"),
+    (_crowd_only, "every annotation is a crowd region (iscrowd=1)"),
+    (_all_outside, "none of its 1 non-crowd annotations has mask pixels inside its image"),
+])
+def test_split_without_usable_annotations_fails_naming_the_json(
+    tmp_path: Path, edit: Callable[[dict], None], why: str
+) -> None:
+    path = _write(tmp_path, edit)
+    with pytest.raises(DatasetError) as info:
+        CocoInstances(path, tmp_path)
+    assert f"{path} has no usable annotations ({why})" in str(info.value)
+    assert "data.train_json / data.val_json" in str(info.value)
+    with pytest.raises(DatasetError, match=r"point data\.train_json at"):
+        CocoInstances(path, tmp_path, split="train")
+
+
+def _record_height_wrong(data: dict) -> None:
+    data["images"][0]["height"] = H + 2  # a.png and the RLE masks of its annotations are H high
+
+
+def test_wrong_image_size_blamed_on_the_image_record(tmp_path: Path) -> None:
+    path = _write(tmp_path, _record_height_wrong)
+    with pytest.raises(DatasetError) as info:
+        CocoInstances(path, tmp_path)  # the file's header agrees with the RLE size
+    message = str(info.value)
+    assert f"image id 10 (file_name 'a.png') in {path}: the record's [height, width] [{H + 2}, {W}]" in message
+    assert f"RLE size [{H}, {W}] of annotation ids 2, 3, 4 and with the image file's size" in message
+    assert "fix the image record's 'height'/'width'" in message and "remove this annotation" not in message
+    coco = CocoInstances(path, tmp_path, validate=False).coco
+    with pytest.raises(DatasetError, match=r"image id 10 .*RLE size \[16, 20\] of all its annotations \(2, 3, 4\)"):
+        check_records(coco, path)  # no file to read: three annotations agreeing outvote the record
+
+
+def test_one_rle_of_another_size_is_blamed_on_its_annotation(tmp_path: Path) -> None:
+    def other_size(data: dict) -> None:
+        data["annotations"][1]["segmentation"]["size"] = [H, W + 1]
+
+    with pytest.raises(DatasetError, match=r"annotation id 2 .*RLE size \[16, 21\].*remove this annotation"):
+        CocoInstances(_write(tmp_path, other_size), tmp_path)
+
+
+def test_dropped_and_clipped_annotations_are_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def off_image(data: dict) -> None:
+        data["annotations"][0]["segmentation"] = [[-10, 2, -2, 2, -2, 6, -10, 6]]  # left of the image
+        data["annotations"][1]["segmentation"]["counts"] = [H * W]  # RLE with no foreground run
+        clipped = {**data["annotations"][0], "id": 5, "segmentation": [[15, 10, 25, 10, 25, 14, 15, 14]]}
+        data["annotations"].append(clipped)  # crosses the right edge (W = 20)
+
+    path = _write(tmp_path, off_image)
+    with caplog.at_level("WARNING", logger="istr.data.checks"):
+        ds = CocoInstances(path, tmp_path)
+        CocoInstances(path, tmp_path)  # the json is loaded again (check, then the loader): one warning
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith(f"{path}: of 4 non-crowd annotations, ")
+    assert "1 dropped: polygon entirely outside its image (annotation ids 1)" in message
+    assert "1 dropped: RLE mask with no pixels (annotation ids 2)" in message
+    assert "1 clipped: polygon partly outside its image, the part outside is cut off (annotation ids 5)" in message
+    _, target = ds[0]
+    assert ds.num_dropped_empty == 2 and len(target["labels"]) == 2  # the loader agrees: 3 and 5 remain
 
 
 def test_corrupt_image_fails_on_read(tmp_path: Path) -> None:

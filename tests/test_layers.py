@@ -24,7 +24,7 @@ RULES = [
     (("istr/engine",), ("istr.sweep", "analysis", *COMMANDS)),
     (("istr/sweep",), ("analysis", *COMMANDS)),
     (("analysis",), ("istr.sweep", "istr.engine", "istr.model", "istr.data", *COMMANDS)),
-    (("istr/results.py", "istr/io.py"), ("istr.", "analysis")),
+    (("istr/results.py", "istr/io.py", "istr/mask_size.py"), ("istr.", "analysis")),
 ]
 
 

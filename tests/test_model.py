@@ -225,7 +225,11 @@ def test_weights_matching_nothing_are_rejected(tmp_path):
 
 
 def test_initial_queries_add_the_image_feature_to_the_query_embedding(tiny_cfg):
-    """Reference query init: learnable embedding + sum over P2-P5 of each level's global average."""
+    """Reference query init: learnable embedding + sum over P2-P5 of each level's average over the image.
+
+    The average leaves out the padding: image 1 (48 of 64 rows) averages the first ceil(48 / stride) rows;
+    the padding itself reads 0 after the pixel normalisation.
+    """
     model = make_model(tiny_cfg).eval()
     seen = {}
     stage0 = model.stages[0]
@@ -236,7 +240,14 @@ def test_initial_queries_add_the_image_feature_to_the_query_embedding(tiny_cfg):
     with torch.no_grad():
         model(images, IMAGE_SIZES)
         x = (images.float() - model.pixel_mean) / model.pixel_std
-        expected = sum(level.mean(dim=(2, 3)) for level in model.backbone(x).values())
+        for image, (h, w) in zip(x, IMAGE_SIZES.tolist()):
+            image[:, h:], image[:, :, w:] = 0, 0  # padding reads 0 after the normalisation
+        features = model.backbone(x).values()
+    cells = [[(-(-h // stride), -(-w // stride)) for h, w in IMAGE_SIZES.tolist()] for stride in model.backbone.strides]
+    expected = sum(
+        torch.stack([image[:, :rows, :cols].mean(dim=(1, 2)) for image, (rows, cols) in zip(level, level_cells)])
+        for level, level_cells in zip(features, cells)
+    )
     torch.testing.assert_close(seen["q"], model.query_features.weight[None] + expected[:, None, :])
     assert not torch.allclose(seen["q"][0], seen["q"][1])  # two images start from different queries
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from istr.config import ConfigError, load_config, to_yaml
+from istr.engine.rundir import RunDirError
 from istr.engine.train import NonFiniteLossError, build_optimizer, lr_factor, train
 
 from .conftest import COCO_MINI, free_port, tiny_overrides
@@ -72,7 +73,7 @@ def test_train_writes_run_dir_and_coco_eval(tiny_cfg, tmp_path):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunDirError, match="--resume"):
         train(tiny_cfg, run_dir)
 
 
@@ -80,7 +81,7 @@ def test_resume_continues_exactly(tiny_cfg_factory, tmp_path):
     straight = tmp_path / "straight"
     train(tiny_cfg_factory(), straight)
     interrupted = tmp_path / "interrupted"
-    train(tiny_cfg_factory("train.max_steps=2"), interrupted)
+    train(tiny_cfg_factory("train.max_steps=2", "train.keep_optimizer_state=true"), interrupted)
     train(tiny_cfg_factory(), interrupted, resume=True)
     expected, resumed = read_metrics(straight), read_metrics(interrupted)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
@@ -94,7 +95,7 @@ def test_resume_continues_exactly(tiny_cfg_factory, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg_factory, tmp_path):
     run_dir = tmp_path / "run"
-    train(tiny_cfg_factory("train.max_steps=2"), run_dir)
+    train(tiny_cfg_factory("train.max_steps=2", "train.keep_optimizer_state=true"), run_dir)
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(NonFiniteLossError, match=r"step 3.*last good checkpoint"):
         nan_cfg = tiny_cfg_factory()

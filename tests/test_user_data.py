@@ -122,11 +122,22 @@ def _wrong_width(data: dict) -> None:
     data["images"][1]["width"] = SIDE
 
 
+def _duplicate_image_id(data: dict) -> None:
+    # Photos 2 and 3 share id 2: one would vanish and both annotations be drawn onto the other.
+    data["images"][2]["id"] = data["annotations"][2]["image_id"] = 2
+
+
+def _no_annotations(data: dict) -> None:
+    data["annotations"] = []  # trained every step, then evaluated to an eval.json of nulls
+
+
 @pytest.mark.parametrize(("edit", "needles"), [
     (_unknown_category, ["annotation id 102", "category id 99", "instances_val.json"]),
     (_negative_box, ["annotation id 101", "'bbox'", "instances_val.json"]),
     (_bad_iscrowd, ["annotation id 103", "'iscrowd'", "instances_val.json"]),
     (_wrong_width, ["photo_val_2.jpg", "image id 2", "instances_val.json", "'width'"]),
+    (_duplicate_image_id, ["instances_val.json: image ids 2 ", "'images'"]),
+    (_no_annotations, ["instances_val.json has no usable annotations", "data.val_json"]),
 ])
 def test_bad_val_record_fails_before_anything_is_written(tmp_path, edit, needles):
     root = make_user_dataset(tmp_path / "mine")
@@ -138,6 +149,50 @@ def test_bad_val_record_fails_before_anything_is_written(tmp_path, edit, needles
     for needle in needles:
         assert needle in str(info.value)
     assert not out.exists()
+
+
+def test_train_split_without_annotations_fails_naming_its_json(tmp_path):
+    root = make_user_dataset(tmp_path / "mine")
+    edit_json(root / "annotations" / "instances_train.json", _no_annotations)
+    cfg = load_config(None, user_overrides(root, tmp_path))
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"instances_train\.json has no usable annotations.*data\.train_json"):
+        train(cfg, out)  # not "cannot fit a mask codec" naming no file
+    assert not out.exists()
+
+
+def test_missing_image_names_the_image_folder_key(tmp_path):
+    root = make_user_dataset(tmp_path / "mine")
+    cfg = load_config(None, user_overrides(root, tmp_path))
+    json_path, image_dir = root / "annotations" / "instances_val.json", root / "images" / "val"
+    from istr.data.build import build_dataset
+
+    coco = build_dataset(cfg.data, "val", train=False).coco
+    (image_dir / "photo_val_2.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"photo_val_2\.jpg.*check data\.val_images or"):
+        check_dataset(cfg.data, tmp_path / "cache")
+    with pytest.raises(DatasetError, match=r"photo_val_2\.jpg.*does not exist; check data\.val_images or"):
+        check_images(coco, json_path, image_dir, None, split="val")
+
+
+def test_polygons_off_the_image_are_logged_once_per_split(tmp_path, caplog):
+    root = make_user_dataset(tmp_path / "mine")
+
+    def off_image(data: dict) -> None:
+        data["annotations"][0]["segmentation"] = [[SIDE + 9, 10, SIDE + 20, 10, SIDE + 20, 30, SIDE + 9, 30]]
+        data["annotations"][2]["segmentation"] = [[-5, 10, 30, 10, 30, 30, -5, 30]]
+
+    edit_json(root / "annotations" / "instances_val.json", off_image)
+    cfg = load_config(None, user_overrides(root, tmp_path))
+    from istr.data.build import build_dataset
+
+    with caplog.at_level("WARNING", logger="istr.data.checks"):
+        check_dataset(cfg.data, tmp_path / "cache")
+        build_dataset(cfg.data, "val", train=False)  # the loader validates the json again: no second warning
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1 and "instances_val.json: of 3 non-crowd annotations" in messages[0]
+    assert "1 dropped: polygon entirely outside its image (annotation ids 101)" in messages[0]
+    assert "1 clipped: polygon partly outside its image" in messages[0]
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
@@ -179,7 +234,8 @@ def test_image_check_is_cached_until_a_file_changes(tmp_path):
     ("data.flip_prob=1.5", "data.flip_prob", "[0, 1]"),
     ("model.num_queries=0", "model.num_queries", ">= 1"),
     ("loss.weight_mask=-1", "loss.weight_mask", ">= 0"),
-    ("codec.dim=0", "codec.dim", ">= 1"),
+    ("codec.dim=0", "codec.dim", "1 to 784"),
+    ("codec.dim=10000", "codec.dim", "1 to 784"),
     ("data.train_short_sizes=[]", "data.train_short_sizes", "non-empty"),
     ("train.lr_step_fracs=[0.5,1.5]", "train.lr_step_fracs", "(0, 1]"),
 ])
@@ -215,12 +271,11 @@ def test_a_start_failing_after_the_checks_leaves_no_run_dir(tiny_cfg, tmp_path, 
     with pytest.raises(RuntimeError, match="model build failed"):
         train(tiny_cfg, out)  # config.yaml, run.json and codec.pt were written by then
     assert not out.exists()
-    kept = tmp_path / "kept"
-    kept.mkdir()
-    (kept / "notes.txt").write_text("mine")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(RuntimeError):
-        train(tiny_cfg, kept)  # a folder the start did not create is not removed
-    assert (kept / "notes.txt").read_text() == "mine"
+        train(tiny_cfg, empty)  # a folder the start did not create is not removed, only emptied again
+    assert empty.is_dir() and not list(empty.iterdir())
 
 
 def test_synth_on_generates_into_a_missing_folder_once_and_names_a_mistyped_json(tmp_path):

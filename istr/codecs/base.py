@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from istr.io import atomic_torch_save
+from istr.mask_size import MASK_SIZE
 
 # Clip value for the inverse sigmoid of binary masks (docs/method.md#mask-embedding). The
 # reference code jitters background/foreground to [0.01, 0.05] / [0.95, 0.99];
@@ -28,7 +29,6 @@ MASK_EPS = 0.01
 _CODEC_CLASSES: dict[str, type[MaskCodec]] = {}
 
 _SAVE_FORMAT = 1
-MASK_SIZE = 28  # side of the box-cropped masks every codec embeds (docs/method.md#mask-embedding)
 
 
 def mask_iou(pred: Tensor, target: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from istr.data.checks import check_images
 from istr.data.coco import CocoInstances, DatasetError
 from istr.data.collate import collate_batch
-from istr.data.sampler import ResumableBatchSampler, SeededSamples
+from istr.data.sampler import ResumableBatchSampler, SeededSamples, ShapeGroupedBatchSampler, eval_padded_shapes
 from istr.data.synth import (
     MARKER,
     NotOurFolderError,
@@ -117,9 +117,9 @@ def check_dataset(data_cfg, cache_dir: Path | None) -> None:
             raise DatasetError(f"data.{split}_images: {image_dir} is not a folder (paths are relative to data.root)")
         if not data_cfg.validate:
             continue
-        dataset = CocoInstances(json_path, image_dir, validate=True)
+        dataset = CocoInstances(json_path, image_dir, validate=True, split=split)
         started = time.perf_counter()
-        cached = check_images(dataset.coco, json_path, image_dir, cache_dir)
+        cached = check_images(dataset.coco, json_path, image_dir, cache_dir, split=split)
         log.info("%s split: %d images %s (%.1f s)", split, len(dataset), "checked before (cached)" if cached
                  else "decoded and checked", time.perf_counter() - started)
 
@@ -135,7 +135,7 @@ def build_dataset(data_cfg, split: str, train: bool) -> CocoInstances:
         )
     else:
         transforms = build_transforms(False, [data_cfg.test_short_size], data_cfg.test_max_size)
-    return CocoInstances(json_path, image_dir, transforms=transforms, validate=data_cfg.validate)
+    return CocoInstances(json_path, image_dir, transforms=transforms, validate=data_cfg.validate, split=split)
 
 
 def _collate(data_cfg) -> partial:
@@ -164,10 +164,12 @@ def build_train_loader(
 
 
 def build_eval_loader(dataset: CocoInstances, data_cfg, batch_size: int) -> DataLoader:
+    """Batches of images of one padded shape, so an image's detections do not depend on ``batch_size``
+    (docs/method.md#evaluation); results come in shape-group order, which COCOeval does not mind."""
+    shapes = eval_padded_shapes(dataset, data_cfg.test_short_size, data_cfg.test_max_size, data_cfg.size_divisibility)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=ShapeGroupedBatchSampler(shapes, batch_size),
         num_workers=data_cfg.num_workers,
         collate_fn=_collate(data_cfg),
         pin_memory=torch.cuda.is_available(),

@@ -24,7 +24,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from istr.data.checks import DatasetError, check_records
+from istr.data.checks import DatasetError, check_records, split_key
 
 __all__ = ["CocoInstances", "DatasetError"]  # DatasetError's home is istr.data.checks
 
@@ -58,7 +58,8 @@ class CocoInstances(Dataset):
 
     ``image_ids`` lists every image, annotated or not (images without instances still teach the
     classifier "no object"). With ``validate`` the json and the image files are checked at
-    construction, so a bad record fails before training starts rather than mid-epoch.
+    construction, so a bad record fails before training starts rather than mid-epoch; ``split``
+    ('train' / 'val'), when given, names its ``data.<split>_*`` keys in those errors.
     """
 
     def __init__(
@@ -67,9 +68,11 @@ class CocoInstances(Dataset):
         image_dir: str | Path,
         transforms: Transform | None = None,
         validate: bool = True,
+        split: str | None = None,
     ) -> None:
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
+        self.split = split
         self.transforms = transforms
         self.coco = _load_coco(self.annotation_file)
         categories = sorted(self.coco.cats.values(), key=lambda c: c["id"])
@@ -93,13 +96,13 @@ class CocoInstances(Dataset):
         return [self.category_ids[int(label)] for label in labels]
 
     def _validate(self) -> None:
-        check_records(self.coco, self.annotation_file)
+        check_records(self.coco, self.annotation_file, self.image_dir, self.split)
         missing = [i for i in self.image_ids if not os.path.exists(self._image_path(i))]
         if missing:
             raise DatasetError(
                 f"image file {self._image_path(missing[0])} (image id {missing[0]}, listed in "
                 f"{self.annotation_file}) does not exist ({len(missing)} of {len(self.image_ids)} images missing); "
-                "check image_dir or the images' file_name"
+                f"check {split_key(self.split, 'images')} or the images' file_name"
             )
 
     def _image_path(self, image_id: int) -> Path:

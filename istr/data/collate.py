@@ -10,6 +10,12 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def padded_size(height: int, width: int, size_divisibility: int) -> tuple[int, int]:
+    """(H, W) that :func:`collate_batch` pads a batch whose largest image is ``height x width`` to."""
+    divisor = max(int(size_divisibility), 1)
+    return _round_up(int(height), divisor), _round_up(int(width), divisor)
+
+
 def collate_batch(batch: list[tuple[Tensor, dict]], size_divisibility: int = 32) -> dict:
     """Collate ``(image uint8 [3,H,W], target)`` pairs for the model.
 
@@ -23,9 +29,9 @@ def collate_batch(batch: list[tuple[Tensor, dict]], size_divisibility: int = 32)
         raise ValueError("collate_batch got an empty batch")
     images = [image for image, _ in batch]
     channels = images[0].shape[0]
-    divisor = max(int(size_divisibility), 1)
-    height = _round_up(max(int(im.shape[-2]) for im in images), divisor)
-    width = _round_up(max(int(im.shape[-1]) for im in images), divisor)
+    height, width = padded_size(
+        max(int(im.shape[-2]) for im in images), max(int(im.shape[-1]) for im in images), size_divisibility
+    )
     padded = images[0].new_zeros((len(images), channels, height, width))
     for slot, image in zip(padded, images, strict=True):
         slot[:, : image.shape[-2], : image.shape[-1]].copy_(image)

@@ -1,16 +1,23 @@
-"""Deterministic, resumable training order (docs/architecture.md#determinism).
+"""Batch samplers: the deterministic, resumable training order and the evaluation batches.
 
-Each step's batch is a pure function of (seed, step, rank), and each sample carries its own
-augmentation seed, so a run resumed at step k sees exactly the batches an uninterrupted run would,
-whatever the number of loader workers.
+Training (docs/architecture.md#determinism): each step's batch is a pure function of (seed, step,
+rank), and each sample carries its own augmentation seed, so a run resumed at step k sees exactly the
+batches an uninterrupted run would, whatever the number of loader workers.
+
+Evaluation (docs/method.md#evaluation): batches hold images of one padded shape, so every image is
+padded as it would be alone and its detections do not depend on ``eval.batch_size``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from istr.data.coco import CocoInstances
+from istr.data.collate import padded_size
+from istr.data.transforms import resized_shape
 
 _PRIME = 1_000_003
 
@@ -66,3 +73,48 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed % 2**63)
             return self.dataset[index]
+
+
+def eval_padded_shapes(
+    dataset: CocoInstances, short_edge: int, max_size: int, size_divisibility: int
+) -> list[tuple[int, int]]:
+    """(H, W) of each dataset index's image after the test resize and collation's padding.
+
+    From the json's width/height (which ``CocoInstances`` checks against the decoded file), so no
+    image is decoded; the resize and padding rules are the ones the test transform and
+    ``collate_batch`` run (docs/method.md#evaluation).
+    """
+    shapes = []
+    for image_id in dataset.image_ids:
+        record = dataset.coco.imgs[image_id]
+        resized = resized_shape(int(record["height"]), int(record["width"]), short_edge, max_size)
+        shapes.append(padded_size(*resized, size_divisibility))
+    return shapes
+
+
+class ShapeGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of at most ``batch_size`` dataset indices that share a key (e.g. the padded shape).
+
+    ``keys[i]`` is index i's key. Groups come in the order of their first index, and each group's
+    indices in dataset order, so the batches are a deterministic function of the keys. With the
+    padded eval shapes as keys (:func:`eval_padded_shapes`), collation pads no image beyond its own
+    padded size and a model sees the same tensor per image at any batch size (docs/method.md#evaluation).
+    """
+
+    def __init__(self, keys: Sequence[Hashable], batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        groups: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key, []).append(index)
+        self.batches = [
+            members[start : start + batch_size]
+            for members in groups.values()
+            for start in range(0, len(members), batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(batch) for batch in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -33,7 +33,7 @@ class Compose:
         return f"Compose({self.transforms})"
 
 
-def _resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
     """detectron2's ResizeShortestEdge.get_output_shape: short = short_edge, long <= max_size."""
     scale = short_edge / min(height, width)
     new_h, new_w = height * scale, width * scale
@@ -69,7 +69,7 @@ class ResizeShortestEdge:
 
     def __call__(self, image: Tensor, target: dict) -> tuple[Tensor, dict]:
         height, width = image.shape[-2:]
-        new_h, new_w = _resized_shape(height, width, self._sample_short_edge(), self.max_size)
+        new_h, new_w = resized_shape(height, width, self._sample_short_edge(), self.max_size)
         image = resize(image, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
         target = dict(target)
         if "boxes" in target:

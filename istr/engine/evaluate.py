@@ -47,7 +47,9 @@ def predict_batch(
 ) -> list[dict]:
     """One collated batch -> per image {scores, labels, boxes, masks} in original image coordinates.
 
-    The one inference path of ``istr eval`` and ``istr predict``, so their detections are the same.
+    The one inference path of ``istr eval`` and ``istr predict``, so their detections are the same: eval
+    batches hold images of one padded shape (``ShapeGroupedBatchSampler``) and predict collates one image
+    with the same ``collate_batch``, so each image is the same padded tensor (docs/method.md#evaluation).
     """
     images = batch["images"].to(device, non_blocking=True)
     image_sizes = batch["image_sizes"].to(device)
@@ -68,6 +70,7 @@ def predict_dataset(
     mask_threshold: float = 0.5,
     progress: bool = True,
 ) -> list[dict]:
+    """COCO result records of every image ``loader`` yields, in its batch order (COCOeval keys them by image_id)."""
     model.eval()
     results: list[dict] = []
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True, mininterval=2.0):

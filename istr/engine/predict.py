@@ -129,6 +129,8 @@ def predict_files(run: LoadedRun, image_paths: list[Path]) -> Iterator[tuple[Ima
             "orig_size": tuple(tensor.shape[1:]),
             "size": tuple(tensor.shape[1:]),
         }
+        # Padded by eval's collate function to the same size_divisibility: the tensor eval's grouped batches
+        # hold for this image, so its detections are eval's.
         batch = collate_batch([transforms(tensor, empty)], run.cfg.data.size_divisibility)
         cfg = run.cfg.eval
         yield image, predict_batch(run.model, run.codec, batch, run.device, cfg.max_detections, cfg.mask_threshold)[0]

@@ -10,9 +10,7 @@ import contextlib
 import logging
 import math
 import random
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +30,11 @@ from istr.data.build import (
     split_paths,
 )
 from istr.engine import dist as D
-from istr.engine.checkpoint import load_checkpoint, save_checkpoint
+from istr.engine.checkpoint import CheckpointError, has_training_state, load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.memory import keep_freed_memory
 from istr.engine.pretrain import resolve_backbone_weights
+from istr.engine.rundir import CHECKPOINT, CONFIG, EVAL, check_run_dir, claimed
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
 from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
@@ -237,20 +236,27 @@ def evaluate_run(
     if detections_path is not None:
         atomic_write_json(detections_path, results)
     metrics, summary = coco_evaluate(val_set.coco, results)
-    atomic_write_json(run_dir / "eval.json", metrics)
+    atomic_write_json(run_dir / EVAL, metrics)
     atomic_write_text(run_dir / "eval.txt", summary)
     return metrics
 
 
-@contextlib.contextmanager
-def _removed_on_failure(run_dir: Path, fresh: bool) -> Iterator[None]:
-    """A run dir this start created is removed when the start fails: no config.yaml / codec.pt leftovers."""
-    try:
-        yield
-    except BaseException:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+def resumable_checkpoint(path: Path, max_steps: int) -> dict:
+    """The checkpoint ``--resume`` continues from, read and checked before anything is written.
+
+    A finished run's weights-only checkpoint can be resumed only to evaluate it again (its step is
+    ``max_steps``): training on needs the optimizer state (``train.keep_optimizer_state``).
+    """
+    checkpoint = load_checkpoint(path)
+    if checkpoint["step"] < max_steps and not has_training_state(checkpoint):
+        raise CheckpointError(
+            f"{path} holds a finished run's weights only (step {checkpoint['step']}), not its optimizer state, "
+            f"so it cannot train on to train.max_steps={max_steps}; start a new run, or set "
+            "train.keep_optimizer_state=true for runs you will extend"
+        )
+    return checkpoint
+
+
 def check_arms(cfg: Config) -> None:
     """Each ablation arm looked up in the registry its builder uses: UnknownArmError, listing the valid names."""
     pick(CODECS, cfg.codec.type, "codec.type")
@@ -264,28 +270,26 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     check_arms(cfg)  # before anything is written, generated or fitted
     info = D.init_distributed(cfg.train.device)
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    fresh = info.is_main and not resume and not run_dir.exists()
+    ckpt_path = run_dir / CHECKPOINT
+    checkpoint = None
     if info.is_main:
-        if not resume and ckpt_path.exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick --out")
+        check_run_dir(run_dir, resume)  # before any data work: a user's folder is refused untouched
+        if resume:
+            checkpoint = resumable_checkpoint(ckpt_path, cfg.train.max_steps)
         # Both splits are checked before anything is written (config values were, by load_config).
         ensure_dataset(cfg.data)
         check_dataset(cfg.data, Path(cfg.cache_dir))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        atomic_write_json(
-            run_dir / "run.json",
-            {"config_hash": config_hash(cfg), "world_size": info.world_size, "device": str(info.device)},
-        )
-    D.barrier()
     if info.device.type == "cpu":
         keep_freed_memory()  # large per-step tensors reuse the heap instead of fresh zero-filled pages
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
 
-    with _removed_on_failure(run_dir, fresh):
+    marker_fields = {"config_hash": config_hash(cfg), "world_size": info.world_size, "device": str(info.device)}
+    with claimed(run_dir, marker_fields) if info.is_main else contextlib.nullcontext():
+        if info.is_main:
+            atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
+        D.barrier()
         train_set = build_dataset(cfg.data, "train", train=True)
         codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
         # Rank 0 pretrains and caches an 'auto' backbone once (one-time cost); the others then find it.
@@ -299,11 +303,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         optimizer, scheduler = build_optimizer(model, cfg.train)
     start_step = 0
     if resume:
-        checkpoint = load_checkpoint(ckpt_path, info.device)
+        if checkpoint is None:  # the other ranks read it once rank 0 has checked it
+            checkpoint = load_checkpoint(ckpt_path, info.device)
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        if has_training_state(checkpoint):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
         start_step = checkpoint["step"]
+        del checkpoint
     train_model = model
     if info.world_size > 1:
         train_model = DistributedDataParallel(
@@ -354,7 +361,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 sink.log(step, metrics)
                 window_start, window_images = time.perf_counter(), 0
             if info.is_main and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, step)
+                # The last one keeps the weights only, unless asked (docs/architecture.md#results).
+                keep_state = step < cfg.train.max_steps or cfg.train.keep_optimizer_state
+                save_checkpoint(ckpt_path, model, step, *((optimizer, scheduler) if keep_state else ()))
             if (
                 cfg.train.eval_every
                 and step % cfg.train.eval_every == 0

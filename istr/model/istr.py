@@ -20,6 +20,37 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+def valid_cells(image_sizes: Tensor, input_size: tuple[int, int], map_size: tuple[int, int]) -> Tensor:
+    """[B,1,h,w] True on the cells of a ``map_size`` (h, w) map that cover each image's unpadded region.
+
+    A map of stride ``s = H / h`` (``input_size`` (H, W) is the padded input) covers an image of height
+    ``ih`` with ``ceil(ih / s) = ceil(ih * h / H)`` rows, and likewise for columns (integer arithmetic:
+    exact, so an unpadded image keeps every row).
+    """
+    (height, width), (padded_h, padded_w) = map_size, input_size
+    valid_h = (image_sizes[:, 0] * height + padded_h - 1) // padded_h
+    valid_w = (image_sizes[:, 1] * width + padded_w - 1) // padded_w
+    rows = torch.arange(height, device=image_sizes.device) < valid_h[:, None]
+    cols = torch.arange(width, device=image_sizes.device) < valid_w[:, None]
+    return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
+def valid_region_mean(feature: Tensor, image_sizes: Tensor, input_size: tuple[int, int]) -> Tensor:
+    """Per-image mean of ``feature`` [B,C,h,w] over the cells of each image's unpadded region -> [B,C].
+
+    docs/method.md#architecture: the image feature is each level's average over the image, not over
+    the batch's padding, so an image's queries do not depend on what it is batched with.
+    """
+    height, width = feature.shape[-2:]
+    inside = valid_cells(image_sizes, input_size, (height, width))
+    # The mean over the whole map, rescaled by (all cells / valid cells): without padding the factor is
+    # exactly 1, so the result is the plain mean bit for bit (results of unpadded batches do not change).
+    mean = feature.masked_fill(~inside, 0).mean(dim=(2, 3))
+    scale = (height * width) / inside.sum(dim=(1, 2, 3))
+    accumulate = torch.promote_types(feature.dtype, torch.float32)  # bf16 under autocast: scale in float32
+    return (mean.to(accumulate) * scale[:, None].to(accumulate)).to(feature.dtype)
+
+
 class ISTR(nn.Module):
     """Backbone+FPN -> k queries -> N stages; returns the last stage's outputs plus ``aux`` stages."""
 
@@ -79,14 +110,26 @@ class ISTR(nn.Module):
         scale = image_sizes.flip(1).repeat(1, 2).to(xyxy.dtype)  # (w, h, w, h)
         return xyxy[None] * scale[:, None, :]
 
+    def image_feature(self, features: dict[str, Tensor], image_sizes: Tensor, input_size: tuple[int, int]) -> Tensor:
+        """Each FPN level's average over the image's valid region (:func:`valid_region_mean`), summed -> [B,d].
+
+        docs/method.md#architecture; ``input_size`` is the padded (H, W) the backbone saw.
+        """
+        return torch.stack([valid_region_mean(level, image_sizes, input_size) for level in features.values()]).sum(0)
+
     def forward(self, images: Tensor, image_sizes: Tensor) -> dict:
         """images uint8/float [B,3,H,W] (0-255, padded), image_sizes [B,2] (h, w) -> docs/method.md outputs."""
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        input_size = (images.shape[-2], images.shape[-1])
+        if bool((image_sizes != image_sizes.new_tensor(input_size)).any()):
+            # Padding reads as 0 after normalisation, as the convolutions' own zero padding (detectron2's
+            # convention): a padded border then resembles the image's true edge more closely.
+            x = x * valid_cells(image_sizes, input_size, input_size)
         features = self.backbone(x)
         boxes = self.initial_boxes(image_sizes)
-        # Initial query features: the image feature (each FPN level's global average, summed) plus a
-        # learnable embedding per query, as the authors' first release.
-        image_feature = torch.stack([level.mean(dim=(2, 3)) for level in features.values()]).sum(0)
+        # Initial query features: the image feature (each FPN level's average over the unpadded image,
+        # summed) plus a learnable embedding per query, as the authors' first release.
+        image_feature = self.image_feature(features, image_sizes, input_size)
         queries = self.query_features.weight[None] + image_feature[:, None, :]
         pooler_input = self.pooler.prepare(features)
         outputs: list[dict] = []

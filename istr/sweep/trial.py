@@ -30,6 +30,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
+from istr.engine.rundir import CHECKPOINT, claim_run_dir, marker
 from istr.io import atomic_write_json
 from istr.results import arm_name, flat_metrics
 from istr.sweep.records import TRIAL_RECORD, _read_json, progress_line, run_columns
@@ -174,9 +175,10 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
     root = Path(plan.root)
     lease = lease_path(root, plan.study, trial.number)
     _renew(study, trial, lease, cell_id, plan.lease_ttl)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if marker(run_dir) is None:
+        claim_run_dir(run_dir)  # so that the child's `istr train --out` may write into it
     cmd = [sys.executable, "-m", "istr", "train", "--config", plan.preset, *overrides, "--out", str(run_dir)]
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if (run_dir / CHECKPOINT).is_file():
         cmd.append("--resume")
     earlier = _read_json(run_dir / TRIAL_RECORD)  # attempts killed before they finished
     record = {"study": plan.study, "trial": trial.number, "host": HOST,
