@@ -167,7 +167,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 0  # 0 = evaluate only at the end
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = True  # bf16 autocast where the device has native bf16 (CUDA; CPUs with AVX-512 BF16 / AMX)
     channels_last: bool = True  # CUDA only
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default

@@ -37,6 +37,7 @@ from istr.data.coco import CocoInstances
 from istr.data.collate import collate_batch
 from istr.data.sampler import ShapeGroupedBatchSampler, eval_padded_shapes
 from istr.engine.evaluate import coco_evaluate, predict_dataset, to_coco_results
+from istr.engine.precision import use_amp
 from istr.engine.predict import LoadedRun, predict_files
 from istr.model import ISTR, build_model
 from istr.model.backbone import LEVEL_NAMES
@@ -179,7 +180,9 @@ def write_mixed_coco(root: Path, sizes: list[tuple[int, int]], seed: int = 0) ->
 def mixed_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     root = tmp_path_factory.mktemp("mixed")
     write_mixed_coco(root, MIXED_SIZES)
-    extra = ["data.test_short_size=64", "data.test_max_size=128", "data.size_divisibility=32", "model.pooler=auto"]
+    # fp32 (train.amp=false): the tolerances below are fp32's; bf16 products may round differently per batch size
+    extra = ["data.test_short_size=64", "data.test_max_size=128", "data.size_divisibility=32", "model.pooler=auto",
+             "train.amp=false"]
     return load_config(None, [*tiny_overrides(root, root / "cache"), *extra])
 
 
@@ -214,8 +217,9 @@ def random_model(mixed_cfg: Config, mixed_val: CocoInstances) -> tuple[ISTR, DCT
 
 def _detections(mixed_cfg, mixed_val, random_model, loader: DataLoader) -> list[dict]:
     model, codec = random_model
-    return predict_dataset(model, codec, loader, torch.device("cpu"), mixed_val.category_ids,
-                           mixed_cfg.eval.max_detections, mixed_cfg.eval.mask_threshold, progress=False)  # fmt: skip
+    device = torch.device("cpu")
+    return predict_dataset(model, codec, loader, device, mixed_val.category_ids, mixed_cfg.eval.max_detections,
+                           mixed_cfg.eval.mask_threshold, False, use_amp(device, mixed_cfg.train.amp))  # fmt: skip
 
 
 def assert_same_detections(got: list[dict], expected: list[dict]) -> tuple[float, float]:

@@ -84,3 +84,21 @@ def test_phase_summary_means_each_phase_and_its_share(order):
     assert summary["n"] == 2 and summary["total_ms"] == 40.0 and summary["sum_ms"] == 35.0
     assert summary["phases"]["a"] == {"ms": 15.0, "pct": 37.5}
     assert summary["phases"]["b"] == {"ms": 20.0, "pct": 50.0}
+
+
+@pytest.mark.slow
+def test_istr_bench_preset_writes_plain_fast_flops_and_peak(tmp_path, tiny_cfg, capsys):
+    from istr.config import to_yaml
+
+    preset = tmp_path / "tiny_test.yaml"
+    preset.write_text(to_yaml(tiny_cfg))
+    path = tmp_path / "cell.json"
+    argv = ["bench", "--preset", str(preset), "--set", "model.pretrained=auto", "--iters", "1", "--warmup", "0"]
+    assert main([*argv, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["plain_img_per_s"] > 0 and result["fast_img_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["fast_img_per_s"] / result["plain_img_per_s"])
+    assert result["flops_per_step"] > 1e6 and result["threads"] == 1
+    assert set(result["peak_flops"]) == {"fp32", "bf16"} and all(v > 0 for v in result["peak_flops"].values())
+    assert set(result["efficiency"]) == {"plain", "fast"} and all(0 < v < 10 for v in result["efficiency"].values())
+    assert "fast / plain" in capsys.readouterr().out

@@ -356,6 +356,11 @@ def _bench(args: argparse.Namespace) -> None:
 
         sweep_overhead_command(args)
         return
+    if args.preset:
+        from istr.bench.cell import cell_bench_command
+
+        cell_bench_command(args)
+        return
     result = run_bench(
         args.device,
         BACKBONES[args.backbone],
@@ -388,5 +393,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--num-queries", type=int, default=None, help="ISTR queries (default: paper's 300)")
     p.add_argument("--phase-iters", type=int, default=None, help="instrumented ISTR runs (default min(iters, 3))")
     p.add_argument("--json", default=None, help="write the results here (atomic)")
+    p.add_argument("--threads", type=int, default=1, help="with --preset: torch threads (1: the per-core speed)")
     add_sweep_overhead_arguments(p)
     p.set_defaults(func=_bench)

@@ -181,7 +181,9 @@ def add_sweep_overhead_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of the model bench: time a real tiny sweep, split into harness and child time",
     )
     g.add_argument("--spec", default="attention", help="sweep spec: sweeps/<axis>.yaml or an axis name")
-    g.add_argument("--preset", default="tiny", help="experiments/<NAME>.yaml or a YAML path")
+    g.add_argument("--preset", default=None,
+                   help="experiments/<NAME>.yaml or a YAML path (default tiny); without --sweep-overhead: "
+                        "time that preset's train step, plain fp32 vs the fast path (istr/bench/cell.py)")
     g.add_argument("--seeds", type=int, default=1, help="seeds per arm (cells = arms x seeds)")
     g.add_argument(
         "--set",
@@ -196,5 +198,6 @@ def add_sweep_overhead_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sweep_overhead_command(args: argparse.Namespace) -> None:
     """``istr bench --sweep-overhead``: run, print the table (and write ``--json``)."""
-    result = run_sweep_overhead(args.spec, args.preset, args.seeds, [*DEFAULT_SETS, *args.sets], args.root, args.json)
+    result = run_sweep_overhead(args.spec, args.preset or "tiny", args.seeds, [*DEFAULT_SETS, *args.sets], args.root,
+                                args.json)
     print(format_table(result))

@@ -13,6 +13,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from istr.engine.precision import autocast
 from istr.engine.rle import encode_masks
 from istr.model.inference import postprocess
 from istr.results import AP_NAMES, IOU_TYPES
@@ -44,6 +45,7 @@ def predict_batch(
     device: torch.device,
     max_detections: int = 100,
     mask_threshold: float = 0.5,
+    amp: bool = False,
 ) -> list[dict]:
     """One collated batch -> per image {scores, labels, boxes, masks} in original image coordinates.
 
@@ -53,7 +55,7 @@ def predict_batch(
     """
     images = batch["images"].to(device, non_blocking=True)
     image_sizes = batch["image_sizes"].to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device, amp):  # ``amp``: what use_amp(device, train.amp) says, as in training
         outputs = model(images, image_sizes)
     orig_sizes = torch.tensor([t["orig_size"] for t in batch["targets"]])
     return postprocess(outputs, codec, image_sizes, orig_sizes, max_detections, mask_threshold)
@@ -69,12 +71,13 @@ def predict_dataset(
     max_detections: int = 100,
     mask_threshold: float = 0.5,
     progress: bool = True,
+    amp: bool = False,
 ) -> list[dict]:
     """COCO result records of every image ``loader`` yields, in its batch order (COCOeval keys them by image_id)."""
     model.eval()
     results: list[dict] = []
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True, mininterval=2.0):
-        predictions = predict_batch(model, codec, batch, device, max_detections, mask_threshold)
+        predictions = predict_batch(model, codec, batch, device, max_detections, mask_threshold, amp)
         for prediction, target in zip(predictions, batch["targets"]):
             results.extend(to_coco_results(prediction, int(target["image_id"]), category_ids))
     return results

@@ -24,6 +24,7 @@ from istr.data.transforms import build_transforms
 from istr.engine.checkpoint import load_checkpoint
 from istr.engine.dist import resolve_device
 from istr.engine.evaluate import predict_batch, to_coco_results
+from istr.engine.precision import use_amp
 from istr.io import atomic_write_json
 from istr.model import ISTR, build_model
 
@@ -132,8 +133,9 @@ def predict_files(run: LoadedRun, image_paths: list[Path]) -> Iterator[tuple[Ima
         # Padded by eval's collate function to the same size_divisibility: the tensor eval's grouped batches
         # hold for this image, so its detections are eval's.
         batch = collate_batch([transforms(tensor, empty)], run.cfg.data.size_divisibility)
-        cfg = run.cfg.eval
-        yield image, predict_batch(run.model, run.codec, batch, run.device, cfg.max_detections, cfg.mask_threshold)[0]
+        cfg, amp = run.cfg.eval, use_amp(run.device, run.cfg.train.amp)
+        yield image, predict_batch(run.model, run.codec, batch, run.device, cfg.max_detections, cfg.mask_threshold,
+                                   amp)[0]
 
 
 def overlay_images(

@@ -1,6 +1,6 @@
 """Training loop as plain functions (docs/architecture.md#data-flow): build -> train_step* -> evaluate.
 
-AdamW, linear warmup + multi-step decay, grad-norm clipping, bf16 autocast on CUDA, DDP under
+AdamW, linear warmup + multi-step decay, grad-norm clipping, bf16 autocast (istr/engine/precision.py), DDP under
 torchrun, atomic checkpoints, exact resume (docs/method.md#training).
 """
 
@@ -33,6 +33,7 @@ from istr.engine import dist as D
 from istr.engine.checkpoint import CheckpointError, has_training_state, load_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.memory import keep_freed_memory
+from istr.engine.precision import autocast, use_amp
 from istr.engine.pretrain import resolve_backbone_weights
 from istr.engine.rundir import CHECKPOINT, CONFIG, EVAL, check_run_dir, claimed
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
@@ -140,7 +141,7 @@ def train_step(state: TrainState, batch: dict) -> dict[str, float]:
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     targets = prepare_targets(batch["targets"], image_sizes, state.codec, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.amp):
+    with autocast(device, state.amp):
         outputs = state.model(images, image_sizes)
     losses = state.criterion(outputs, targets)
     loss = weighted_sum(losses, state.weights)
@@ -232,6 +233,7 @@ def evaluate_run(
         cfg.eval.max_detections,
         cfg.eval.mask_threshold,
         cfg.logging.progress,
+        use_amp(device, cfg.train.amp),
     )
     if detections_path is not None:
         atomic_write_json(detections_path, results)
@@ -327,7 +329,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         scheduler,
         loss_weights(cfg.loss),
         info.device,
-        cfg.train.amp and info.device.type == "cuda",
+        use_amp(info.device, cfg.train.amp),
         cfg.train.clip_grad_norm,
     )
 

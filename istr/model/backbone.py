@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
 RESNETS = {
     "resnet18": resnet.resnet18,
@@ -20,6 +21,22 @@ RESNETS = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
 }
+
+
+class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d, computed in the input's dtype.
+
+    Under bf16 autocast its fp32 scale and bias would promote the whole feature map to fp32 (and the
+    next convolution would cast it back): on the CPU those casts and fp32 passes cost more than the
+    convolutions they sit between. In fp32 it is torchvision's computation, bit for bit.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[:, None, None] + bias.to(x.dtype)[:, None, None]
+
+
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 LEVEL_NAMES = ("p2", "p3", "p4", "p5")
 
