@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from istr.io import claim_output_folder
 from istr.results import COLUMNS, NUMERIC, arm_name
 
 STRING = [c for c in COLUMNS if c not in NUMERIC and c != "seed"]
@@ -177,6 +178,7 @@ def results_from_cli(
     try:
         args.axis_keys, args.defaults = read_axes(args.sweeps, args.preset)
         args.seed_rule = read_seed_rule(args.seed_rule)
+        claim_output_folder(args.out)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return args, None

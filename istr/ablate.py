@@ -29,7 +29,7 @@ import pandas as pd
 
 from analysis.stats import ALPHA, POWER, default_arm, mde, needed_n, paired_vs_default
 from istr.config import ConfigError, load_config
-from istr.io import atomic_write_json
+from istr.io import atomic_write_json, claim_output_folder
 
 AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
 PILOT_SEEDS = 3
@@ -231,8 +231,7 @@ def ablate_command(args: argparse.Namespace) -> None:
     preset = resolve_preset(args.preset or "tiny")
     axes = [a for a in args.axes.split(",") if a]
     defaults = axis_defaults(axes, preset, args.sets)
-    out, root = Path(args.out), Path(args.root)
-    out.mkdir(parents=True, exist_ok=True)
+    out, root = claim_output_folder(Path(args.out)), Path(args.root)
     rule = declare_rule(args, axes)
     rule_path = out / RULE_FILE
     atomic_write_json(rule_path, rule)

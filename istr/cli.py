@@ -45,13 +45,15 @@ def _codec_report(args: argparse.Namespace) -> None:
     from istr.codecs import CODECS
     from istr.config import load_config
     from istr.data.build import ensure_dataset
+    from istr.io import claim_output_folder
     from istr.reports.codec import codec_report, format_markdown
 
     cfg = load_config(args.config, args.overrides)
+    out = claim_output_folder(Path(args.out))
     ensure_dataset(cfg.data)
     types = args.types.split(",") if args.types else list(CODECS)
     dims = [int(d) for d in args.dims.split(",")]
-    report = codec_report(cfg, types, dims, Path(args.out), args.max_val_images)
+    report = codec_report(cfg, types, dims, out, args.max_val_images)
     print(format_markdown(report))
     print(f"written to {args.out}/codec_report.csv and .md")
 
@@ -88,16 +90,19 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from istr.engine.predict import load_run, predict_images
+    from istr.io import claim_output_folder
 
+    out = claim_output_folder(Path(args.out))
     run = load_run(Path(args.run), args.device)
     json_path = Path(args.json) if args.json else None
-    predict_images(run, [Path(p) for p in args.images], Path(args.out), args.score_threshold, json_path, print)
+    predict_images(run, [Path(p) for p in args.images], out, args.score_threshold, json_path, print)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
     from istr.engine.quickstart import run_quickstart
+    from istr.io import claim_output_folder
 
-    summary = run_quickstart(Path(args.config), Path(args.out), args.overrides)
+    summary = run_quickstart(Path(args.config), claim_output_folder(Path(args.out)), args.overrides)
     print(summary.read_text())
     print(f"results written to {args.out}/ (summary.md, predictions/, runs/)")
 
@@ -180,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     from istr.engine.checkpoint import CheckpointError
     from istr.engine.rundir import RunDirError
     from istr.engine.train import NonFiniteLossError
+    from istr.io import ForeignFolderError
     from istr.registry import UnknownArmError
 
     expected = (ConfigError, UnknownArmError, DatasetError, NonFiniteLossError, RunDirError, CheckpointError,
-                FileNotFoundError, FileExistsError)
+                ForeignFolderError, FileNotFoundError, FileExistsError)
     try:
         args.func(args)
     except expected as err:

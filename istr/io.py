@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -45,7 +43,37 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch  # here, so that the analysis and the CLI's start import this module without torch
+
     _atomic(path, lambda handle: torch.save(obj, handle))
+
+
+OUTPUT_MARKER = ".istr-output"  # in an --out folder a command made: it may write there again
+
+
+class ForeignFolderError(ValueError):
+    """An output folder that holds files this project did not write; nothing was written into it."""
+
+
+def claim_output_folder(folder: Path, option: str = "--out") -> Path:
+    """Make ``folder`` a command's output folder, or refuse it untouched (README, "Output files").
+
+    A missing or empty folder is made and marked with :data:`OUTPUT_MARKER`; a marked one is reused;
+    anything else is a user's folder, and :class:`ForeignFolderError` names it and ``option``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ForeignFolderError(f"{option} {folder} is a file, not a folder")
+    if folder.is_dir() and not (folder / OUTPUT_MARKER).is_file() and any(folder.iterdir()):
+        raise ForeignFolderError(f"{option} {folder} is not empty and was not made by istr (it holds no "
+                                 f"{OUTPUT_MARKER}); istr writes only into a missing or empty folder, or one it "
+                                 "made. Nothing was changed: pick another folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OUTPUT_MARKER).touch()
+    except OSError as err:
+        raise ForeignFolderError(f"{option} {folder}: cannot write there ({err.strerror})") from None
+    return folder
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
