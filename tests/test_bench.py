@@ -1,4 +1,4 @@
-"""`istr bench` runs end to end on CPU and writes valid JSON (not timed; issue 7)."""
+"""`istr bench` runs end to end on CPU and writes valid JSON (not timed)."""
 
 from __future__ import annotations
 

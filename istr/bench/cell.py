@@ -75,8 +75,9 @@ def build_cell(cfg: Config, batches: int) -> tuple[TrainState, list[dict]]:
     state = TrainState(model.train(), codec, build_criterion(cfg.loss, build_matcher(cfg.matcher, codec), codec),
                        optimizer, scheduler, loss_weights(cfg.loss), device, use_amp(device, cfg.train.amp),
                        cfg.train.clip_grad_norm)  # fmt: skip
-    loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, 0, 1, 0, pin_memory=False)
-    data = iter(loader)
+    if not batches:
+        return state, []
+    data = iter(build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, 0, 1, 0, pin_memory=False))
     return state, [next(data) for _ in range(batches)]
 
 

@@ -1,4 +1,4 @@
-"""Per-phase timing of one ISTR train step and one inference, for ``istr bench`` (issue 7).
+"""Per-phase timing of one ISTR train step and one inference, for ``istr bench``.
 
 Phases are timed with forward hooks and wrappers in a separate instrumented pass, CUDA-synchronised
 at every boundary.

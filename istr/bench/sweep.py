@@ -174,7 +174,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def add_sweep_overhead_arguments(parser: argparse.ArgumentParser) -> None:
     """``istr bench --sweep-overhead`` and its options, on the ``istr bench`` parser."""
-    g = parser.add_argument_group("sweep harness overhead (istr.bench_sweep)")
+    g = parser.add_argument_group("sweep harness overhead (istr/bench/sweep.py)")
     g.add_argument(
         "--sweep-overhead",
         action="store_true",
