@@ -21,6 +21,7 @@ import seaborn as sns  # noqa: E402
 
 from analysis.load import load_codec_report, results_from_cli  # noqa: E402
 from analysis.stats import arm_order, ci_halfwidth, default_arm  # noqa: E402
+from istr.results import METRICS_FILE  # noqa: E402
 
 
 def _t_ci(x: pd.Series) -> tuple[float, float]:
@@ -50,7 +51,7 @@ def read_curves(df: pd.DataFrame, axis: str) -> pd.DataFrame:
     """Per-step `loss` (and `eval/segm_AP` where logged) of every trial of `axis`, from its run's metrics.jsonl."""
     frames = []
     for row in df[df["axis"] == axis].itertuples():
-        path = Path(str(row.run_dir)) / "metrics.jsonl"
+        path = Path(str(row.run_dir)) / METRICS_FILE
         if not path.is_file():
             continue
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+# The files of a run dir (docs/architecture.md#results), named here once for the engine that writes them and
+# the sweep, the reports and the analysis that read them.
+RUN_MARKER_FILE = "run.json"  # istr's marker (docs/architecture.md#results), with the config hash
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+COST_FILE = "cost.json"
+EVAL_FILE = "eval.json"
+EVAL_TEXT_FILE = "eval.txt"
+SUMMARY_FILE = "train_summary.json"
+CODEC_FILE = "codec.pt"
+CODEC_STATS_FILE = "codec_stats.json"
+CHECKPOINT_FILE = "checkpoints/last.pt"
+
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval's first six stats, in its order
 IOU_TYPES = ("bbox", "segm")
 METRICS = [f"{kind}_{name}" for kind in ("segm", "bbox") for name in AP_NAMES]  # results.csv metric columns

@@ -11,8 +11,9 @@ import torch
 from istr.cli import main
 from istr.config import to_yaml
 from istr.engine.checkpoint import CheckpointError, has_training_state
-from istr.engine.rundir import CHECKPOINT, RUN_MARKER, RunDirError, check_run_dir, claim_run_dir, claimed, marker
+from istr.engine.rundir import RunDirError, check_run_dir, claim_run_dir, claimed, marker
 from istr.engine.train import train
+from istr.results import CHECKPOINT_FILE, RUN_MARKER_FILE
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -55,12 +56,12 @@ def test_resume_into_a_users_folder_is_refused_untouched(config_file, tmp_path, 
 def test_corrupt_checkpoint_is_one_line_naming_the_file_and_nothing_is_written(config_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     claim_run_dir(run_dir)
-    (run_dir / CHECKPOINT).parent.mkdir()
-    (run_dir / CHECKPOINT).write_bytes(b"\x80\x02 not a pickle")
+    (run_dir / CHECKPOINT_FILE).parent.mkdir()
+    (run_dir / CHECKPOINT_FILE).write_bytes(b"\x80\x02 not a pickle")
     before = snapshot(run_dir)
     assert istr_train(config_file, run_dir, "--resume") == 2
     err = capsys.readouterr().err
-    assert str(run_dir / CHECKPOINT) in err and "not a readable checkpoint" in err and len(err.splitlines()) == 1
+    assert str(run_dir / CHECKPOINT_FILE) in err and "not a readable checkpoint" in err and len(err.splitlines()) == 1
     assert snapshot(run_dir) == before
 
 
@@ -109,7 +110,7 @@ def test_a_killed_checkpoint_writes_temp_file_is_removed_on_the_next_start(tmp_p
 def test_check_run_dir_accepts_what_the_project_made_and_names_the_folder_otherwise(tmp_path):
     check_run_dir(tmp_path / "missing", resume=False)
     check_run_dir(tmp_path, resume=False)  # empty
-    (tmp_path / RUN_MARKER).write_text(json.dumps({"config_hash": "not made by istr"}))
+    (tmp_path / RUN_MARKER_FILE).write_text(json.dumps({"config_hash": "not made by istr"}))
     with pytest.raises(RunDirError, match=str(tmp_path)):
         check_run_dir(tmp_path, resume=False)
 
@@ -118,7 +119,7 @@ def test_check_run_dir_accepts_what_the_project_made_and_names_the_folder_otherw
 def test_finished_run_keeps_weights_only_and_resume_reevaluates_it(tiny_cfg_factory, tmp_path):
     run_dir = tmp_path / "run"
     metrics = train(tiny_cfg_factory(), run_dir)
-    final = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    final = torch.load(run_dir / CHECKPOINT_FILE, weights_only=False)
     assert not has_training_state(final) and final["step"] == 4
     # the same command again (a sweep worker after a kill between checkpoint and eval) evaluates again
     assert train(tiny_cfg_factory(), run_dir, resume=True) == metrics
@@ -128,4 +129,4 @@ def test_finished_run_keeps_weights_only_and_resume_reevaluates_it(tiny_cfg_fact
     assert snapshot(run_dir) == before
     kept = tmp_path / "kept"
     train(tiny_cfg_factory("train.keep_optimizer_state=true"), kept)
-    assert has_training_state(torch.load(kept / CHECKPOINT, weights_only=False))
+    assert has_training_state(torch.load(kept / CHECKPOINT_FILE, weights_only=False))

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from istr.results import SUMMARY_FILE
+
 DEFAULT_SETS = ("train.max_steps=20", "train.checkpoint_every=20")  # the harness adds logging.progress=false
 STUDY = "overhead"
 
@@ -64,7 +66,7 @@ def _trial(row: dict[str, str]) -> dict[str, Any]:
 
     run_dir = Path(row["run_dir"])
     wall = float(json.loads((run_dir / TRIAL_RECORD).read_text())["wall_s"])
-    train = float(json.loads((run_dir / "train_summary.json").read_text())["train_seconds"])
+    train = float(json.loads((run_dir / SUMMARY_FILE).read_text())["train_seconds"])
     return {
         "cell_id": row["cell_id"],
         "arm": row["arm"],

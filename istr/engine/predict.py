@@ -27,6 +27,7 @@ from istr.engine.evaluate import predict_batch, to_coco_results
 from istr.engine.precision import use_amp
 from istr.io import atomic_write_json
 from istr.model import ISTR, build_model
+from istr.results import CHECKPOINT_FILE, CODEC_FILE, CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ class LoadedRun:
 def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     """Rebuild model + codec of ``run_dir`` from config.yaml, codec.pt and checkpoints/last.pt."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / CONFIG_FILE)
     torch_device = resolve_device(device)
     val_set = build_dataset(cfg.data, "val", train=False)
-    codec = load_codec(run_dir / "codec.pt").to(torch_device)
+    codec = load_codec(run_dir / CODEC_FILE).to(torch_device)
     model = build_model(cfg.model, val_set.num_classes, codec.dim)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
+    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE)["model"])
     model.to(torch_device).eval()
     val_ids = {Path(info["file_name"]).name: image_id for image_id, info in val_set.coco.imgs.items()}
     return LoadedRun(cfg, model, codec, val_set.category_ids, val_set.category_names, torch_device, val_ids)

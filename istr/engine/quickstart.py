@@ -13,10 +13,9 @@ from pathlib import Path
 from istr.config import config_hash, load_config
 from istr.data.build import split_paths
 from istr.engine.predict import load_run, predict_images
-from istr.engine.rundir import CHECKPOINT, EVAL
 from istr.engine.train import train
 from istr.io import atomic_write_text
-from istr.results import AP_NAMES
+from istr.results import AP_NAMES, CHECKPOINT_FILE, EVAL_FILE
 
 
 def format_eval_table(metrics: dict) -> str:
@@ -31,9 +30,9 @@ def format_eval_table(metrics: dict) -> str:
 def run_quickstart(config: Path, out_dir: Path, overrides: list[str], num_overlays: int = 4) -> Path:
     cfg = load_config(config, overrides)
     run_dir = out_dir / "runs" / f"{config.stem}-{config_hash(cfg)}"
-    if not (run_dir / EVAL).is_file():
-        train(cfg, run_dir, resume=(run_dir / CHECKPOINT).is_file())
-    metrics = json.loads((run_dir / EVAL).read_text())
+    if not (run_dir / EVAL_FILE).is_file():
+        train(cfg, run_dir, resume=(run_dir / CHECKPOINT_FILE).is_file())
+    metrics = json.loads((run_dir / EVAL_FILE).read_text())
     run = load_run(run_dir, "auto")
     val_images = sorted(split_paths(cfg.data, "val")[1].iterdir())[:num_overlays]
     # A tiny CPU model scores low (focal-loss sigmoid scores); show what it finds above 0.1.

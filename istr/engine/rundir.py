@@ -17,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from istr.io import atomic_write_json, atomic_write_text, remove_stale_temps
+from istr.results import CHECKPOINT_FILE, RUN_MARKER_FILE
 
-RUN_MARKER = "run.json"  # also holds the config hash, the world size and the device
-CONFIG = "config.yaml"
-CHECKPOINT = "checkpoints/last.pt"
-EVAL = "eval.json"
 MADE_BY = "istr"
 
 
@@ -32,7 +29,7 @@ class RunDirError(ValueError):
 def marker(path: Path) -> dict[str, Any] | None:
     """The run marker's contents, or None where ``path`` holds no marker of this project."""
     try:
-        payload = json.loads((Path(path) / RUN_MARKER).read_text())
+        payload = json.loads((Path(path) / RUN_MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
     return payload if isinstance(payload, dict) and payload.get("made_by") == MADE_BY else None
@@ -55,17 +52,17 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise RunDirError(f"--out {run_dir} is a file, not a folder")
     if resume:
         if marker(run_dir) is None:
-            raise RunDirError(f"--resume: {run_dir} is not a run dir of this project (it holds no {RUN_MARKER} "
+            raise RunDirError(f"--resume: {run_dir} is not a run dir of this project (it holds no {RUN_MARKER_FILE} "
                               "written by istr); nothing was changed")
-        if not (run_dir / CHECKPOINT).is_file():
-            raise RunDirError(f"--resume: {run_dir / CHECKPOINT} does not exist; drop --resume to start afresh")
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            raise RunDirError(f"--resume: {run_dir / CHECKPOINT_FILE} does not exist; drop --resume to start afresh")
         return
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if marker(run_dir) is None:
-            raise RunDirError(f"--out {run_dir} is not empty and is not a run dir of this project (no {RUN_MARKER} "
-                              "written by istr); istr writes only into a missing or empty folder, or one it made. "
-                              "Nothing was changed: pick another --out")
-        if (run_dir / CHECKPOINT).is_file():
+            raise RunDirError(f"--out {run_dir} is not empty and is not a run dir of this project (no "
+                              f"{RUN_MARKER_FILE} written by istr); istr writes only into a missing or empty folder, "
+                              "or one it made. Nothing was changed: pick another --out")
+        if (run_dir / CHECKPOINT_FILE).is_file():
             raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or pick another --out")
     base = _first_existing(run_dir)
     if not base.is_dir():
@@ -88,14 +85,14 @@ def claimed(run_dir: Path, marker_fields: dict[str, Any]) -> Iterator[None]:
     while created and not top_created.parent.exists():
         top_created = top_created.parent
     before = set(run_dir.iterdir()) if run_dir.is_dir() else set()
-    old_marker = (run_dir / RUN_MARKER).read_text() if (run_dir / RUN_MARKER) in before else None
+    old_marker = (run_dir / RUN_MARKER_FILE).read_text() if (run_dir / RUN_MARKER_FILE) in before else None
     try:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RunDirError(f"--out {run_dir}: cannot make the folder ({err.strerror})") from None
-        remove_stale_temps((run_dir / CHECKPOINT).parent)  # only this training writes there
-        atomic_write_json(run_dir / RUN_MARKER, {**(marker(run_dir) or {}), **marker_fields, "made_by": MADE_BY})
+        remove_stale_temps((run_dir / CHECKPOINT_FILE).parent)  # only this training writes there
+        atomic_write_json(run_dir / RUN_MARKER_FILE, {**(marker(run_dir) or {}), **marker_fields, "made_by": MADE_BY})
         yield
     except BaseException:
         if created:
@@ -104,7 +101,7 @@ def claimed(run_dir: Path, marker_fields: dict[str, Any]) -> Iterator[None]:
             for entry in set(run_dir.iterdir()) - before:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
             if old_marker is not None:
-                atomic_write_text(run_dir / RUN_MARKER, old_marker)
+                atomic_write_text(run_dir / RUN_MARKER_FILE, old_marker)
         raise
 
 

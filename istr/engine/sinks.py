@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from istr.io import atomic_write_json
+from istr.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
 WANDB_FLUSH_S = 5.0  # seconds between writes of the run's .wandb file: a kill loses at most this much history
@@ -170,7 +171,7 @@ class WandbSink(Sink):
                                         x_transaction_log_flush_interval=WANDB_FLUSH_S),
             )
             id_file.write_text(run_id)
-            for step, metrics in replay_history(run_dir / "metrics.jsonl", self.run.step, start_step):
+            for step, metrics in replay_history(run_dir / METRICS_FILE, self.run.step, start_step):
                 self.run.log(metrics, step=step)
         except Exception as err:  # noqa: BLE001 - logging must never fail the training run
             log.warning("W&B disabled for this run: %s", err)

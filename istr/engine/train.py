@@ -35,7 +35,7 @@ from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.memory import keep_freed_memory
 from istr.engine.precision import autocast, use_amp
 from istr.engine.pretrain import resolve_backbone_weights
-from istr.engine.rundir import CHECKPOINT, CONFIG, EVAL, check_run_dir, claimed
+from istr.engine.rundir import check_run_dir, claimed
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.io import atomic_write_json, atomic_write_text
 from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
@@ -43,7 +43,18 @@ from istr.matcher import MASK_COSTS, build_matcher
 from istr.model import build_model
 from istr.model.head import ATTENTIONS
 from istr.registry import pick
-from istr.results import flat_metrics
+from istr.results import (
+    CHECKPOINT_FILE,
+    CODEC_FILE,
+    CODEC_STATS_FILE,
+    CONFIG_FILE,
+    COST_FILE,
+    EVAL_FILE,
+    EVAL_TEXT_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    flat_metrics,
+)
 from istr.targets import prepare_targets
 
 log = logging.getLogger(__name__)
@@ -169,12 +180,12 @@ def parameter_checksum(model: torch.nn.Module) -> float:
 
 def prepare_codec(cfg: Config, run_dir: Path, train_set, info: D.DistInfo) -> MaskCodec:
     """Rank 0 fits (or loads from the cache) the codec into run_dir/codec.pt; other ranks load it."""
-    codec_path = run_dir / "codec.pt"
+    codec_path = run_dir / CODEC_FILE
     if info.is_main and not codec_path.is_file():
         json_path, _ = split_paths(cfg.data, "train")
         codec, stats, cached = fit_or_load_codec(cfg.codec, json_path, train_set.coco, Path(cfg.cache_dir), cfg.seed)
         codec.save(codec_path)
-        atomic_write_json(run_dir / "codec_stats.json", {**stats, "cache": str(cached)})
+        atomic_write_json(run_dir / CODEC_STATS_FILE, {**stats, "cache": str(cached)})
         log.info(
             "codec %s-%d: reconstruction mask IoU %.3f on %d train masks",
             cfg.codec.type,
@@ -191,8 +202,8 @@ def build_sinks(
 ) -> tuple[Sink, WandbSink | None, CostSink | None]:
     if not info.is_main:
         return Sink(), None, None
-    cost = CostSink(run_dir / "cost.json", cfg.train.batch_size, start_step)  # sums every attempt of the run
-    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), cost]
+    cost = CostSink(run_dir / COST_FILE, cfg.train.batch_size, start_step)  # sums every attempt of the run
+    sinks: list[Sink] = [JsonlSink(run_dir / METRICS_FILE), cost]
     if cfg.logging.progress:
         sinks.append(ProgressSink(cfg.train.max_steps, start_step))
     wandb_sink = None
@@ -238,8 +249,8 @@ def evaluate_run(
     if detections_path is not None:
         atomic_write_json(detections_path, results)
     metrics, summary = coco_evaluate(val_set.coco, results)
-    atomic_write_json(run_dir / EVAL, metrics)
-    atomic_write_text(run_dir / "eval.txt", summary)
+    atomic_write_json(run_dir / EVAL_FILE, metrics)
+    atomic_write_text(run_dir / EVAL_TEXT_FILE, summary)
     return metrics
 
 
@@ -272,7 +283,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     check_arms(cfg)  # before anything is written, generated or fitted
     info = D.init_distributed(cfg.train.device)
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT
+    ckpt_path = run_dir / CHECKPOINT_FILE
     checkpoint = None
     if info.is_main:
         check_run_dir(run_dir, resume)  # before any data work: a user's folder is refused untouched
@@ -290,7 +301,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     marker_fields = {"config_hash": config_hash(cfg), "world_size": info.world_size, "device": str(info.device)}
     with claimed(run_dir, marker_fields) if info.is_main else contextlib.nullcontext():
         if info.is_main:
-            atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
+            atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
         D.barrier()
         train_set = build_dataset(cfg.data, "train", train=True)
         codec = prepare_codec(cfg, run_dir, train_set, info).to(info.device)
@@ -385,7 +396,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             result = evaluate_run(cfg, model, codec, info.device, run_dir)
             sink.summary({**flat_metrics(result), "train_seconds": totals["train_seconds"], "steps": step})
             atomic_write_json(
-                run_dir / "train_summary.json",
+                run_dir / SUMMARY_FILE,
                 {
                     "steps": step,
                     "train_seconds": totals["train_seconds"],

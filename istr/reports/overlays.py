@@ -20,6 +20,7 @@ from analysis.stats import default_arm
 from istr.config import load_config
 from istr.data.build import split_paths
 from istr.engine.predict import load_run, overlay_images
+from istr.results import CHECKPOINT_FILE, CONFIG_FILE
 
 log = logging.getLogger(__name__)
 SCORE_THRESHOLD, MIN_SHOWN = 0.3, 3  # detections drawn: score >= 0.3, else an image's best 3
@@ -29,7 +30,7 @@ def _run_dir(df: pd.DataFrame, axis: str, arm: str) -> Path | None:
     """The arm's lowest-seed trial whose run dir has a final checkpoint."""
     for row in df[(df["axis"] == axis) & (df["arm"] == arm)].sort_values("seed").itertuples():
         path = Path(str(row.run_dir))
-        if (path / "checkpoints" / "last.pt").is_file():
+        if (path / CHECKPOINT_FILE).is_file():
             return path
     return None
 
@@ -46,7 +47,7 @@ def pick_arms(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = 
 
 def val_images(run_dir: Path, count: int) -> list[Path]:
     """The first `count` val images (by image id) of the run's dataset."""
-    json_path, image_dir = split_paths(load_config(run_dir / "config.yaml").data, "val")
+    json_path, image_dir = split_paths(load_config(run_dir / CONFIG_FILE).data, "val")
     images = sorted(json.loads(json_path.read_text())["images"], key=lambda image: image["id"])
     return [image_dir / image["file_name"] for image in images[:count]]
 

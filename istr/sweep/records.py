@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text, file_lock
-from istr.results import COLUMNS, METRICS, flat_metrics
+from istr.results import CODEC_STATS_FILE, COLUMNS, CONFIG_FILE, EVAL_FILE, METRICS, SUMMARY_FILE, flat_metrics
 from istr.sweep.storage import open_storage, stale_trials, study_dir, utc_now
 
 TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, attempts, finished_at
@@ -41,15 +41,15 @@ def _read_json(path: Path) -> dict:
 def codec_record(run_dir: Path) -> dict[str, Any]:
     """The run's codec (type, dim from config.yaml) and its reconstruction IoU (codec_stats.json)."""
     try:
-        codec = OmegaConf.load(run_dir / "config.yaml").codec
+        codec = OmegaConf.load(run_dir / CONFIG_FILE).codec
     except (OSError, ValueError, AttributeError):
         return {}
-    return {"type": codec.type, "dim": codec.dim, "mask_iou": _read_json(run_dir / "codec_stats.json").get("mask_iou")}
+    return {"type": codec.type, "dim": codec.dim, "mask_iou": _read_json(run_dir / CODEC_STATS_FILE).get("mask_iou")}
 
 
 def run_columns(run_dir: Path) -> dict[str, Any]:
     """The :data:`RUN_COLUMNS` of a finished run dir (eval.json, train_summary.json, sweep_trial.json, codec)."""
-    ev, summary = _read_json(run_dir / "eval.json"), _read_json(run_dir / "train_summary.json")
+    ev, summary = _read_json(run_dir / EVAL_FILE), _read_json(run_dir / SUMMARY_FILE)
     record, codec = _read_json(run_dir / TRIAL_RECORD), codec_record(run_dir)
     out = flat_metrics(ev)
     out.update(steps=summary.get("steps"), wall_s=record.get("wall_s"), img_per_s=summary.get("img_per_s"),

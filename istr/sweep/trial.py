@@ -30,9 +30,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
-from istr.engine.rundir import CHECKPOINT, claim_run_dir, marker
+from istr.engine.rundir import claim_run_dir, marker
 from istr.io import atomic_write_json
-from istr.results import arm_name, flat_metrics
+from istr.results import CHECKPOINT_FILE, EVAL_FILE, METRICS_FILE, arm_name, flat_metrics
 from istr.sweep.records import TRIAL_RECORD, _read_json, progress_line, run_columns
 from istr.sweep.spec import cell_identity, param_overrides
 from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lease
@@ -107,7 +107,7 @@ def suggest(trial: optuna.Trial, parameters: dict[str, dict[str, Any]], grid: bo
 def find_done(root: Path, study: str, cell_id: str) -> Path | None:
     """A finished run dir of this cell under the same root: this study's first, then any other."""
     own = root / study / cell_id
-    if (own / "eval.json").is_file():
+    if (own / EVAL_FILE).is_file():
         return own
     for cand in sorted(root.glob(f"*/{cell_id}/eval.json")):
         return cand.parent
@@ -115,7 +115,7 @@ def find_done(root: Path, study: str, cell_id: str) -> Path | None:
 
 
 def metric_value(run_dir: Path, metric: str) -> float:
-    ev = _read_json(run_dir / "eval.json")
+    ev = _read_json(run_dir / EVAL_FILE)
     value = flat_metrics(ev).get(metric)
     return 0.0 if value is None else float(value)
 
@@ -178,12 +178,12 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
     if marker(run_dir) is None:
         claim_run_dir(run_dir)  # so that the child's `istr train --out` may write into it
     cmd = [sys.executable, "-m", "istr", "train", "--config", plan.preset, *overrides, "--out", str(run_dir)]
-    if (run_dir / CHECKPOINT).is_file():
+    if (run_dir / CHECKPOINT_FILE).is_file():
         cmd.append("--resume")
     earlier = _read_json(run_dir / TRIAL_RECORD)  # attempts killed before they finished
     record = {"study": plan.study, "trial": trial.number, "host": HOST,
               "attempts": int(earlier.get("attempts", 0)) + 1, "wall_s": float(earlier.get("wall_s", 0.0))}
-    reporter = EvalReporter(trial, run_dir / "metrics.jsonl", plan.metric)
+    reporter = EvalReporter(trial, run_dir / METRICS_FILE, plan.metric)
     started = time.perf_counter()
     interval = max(plan.lease_ttl / 6.0, 0.5)
     with open(run_dir / "train.log", "ab") as log:
@@ -215,7 +215,7 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
             record["wall_s"] += time.perf_counter() - started
             atomic_write_json(run_dir / TRIAL_RECORD, record)
     reporter.poll()
-    if rc != 0 or not (run_dir / "eval.json").is_file():
+    if rc != 0 or not (run_dir / EVAL_FILE).is_file():
         return TrialState.FAIL, f"istr train exited {rc}; see {run_dir / 'train.log'}"
     atomic_write_json(run_dir / TRIAL_RECORD, {**record, "finished_at": utc_now()})
     return TrialState.COMPLETE, ""
