@@ -55,22 +55,22 @@ class ForeignFolderError(ValueError):
     """An output folder that holds files this project did not write; nothing was written into it."""
 
 
-def claim_output_folder(folder: Path, option: str = "--out") -> Path:
-    """Make ``folder`` a command's output folder, or refuse it untouched (README, "Output files").
+def claim_output_folder(folder: Path, option: str = "--out", marker: str = OUTPUT_MARKER, contents: str = "") -> Path:
+    """Make ``folder`` an output folder of istr's, or refuse it untouched (README, "Output files").
 
-    A missing or empty folder is made and marked with :data:`OUTPUT_MARKER`; a marked one is reused;
-    anything else is a user's folder, and :class:`ForeignFolderError` names it and ``option``.
+    A missing or empty folder is made and marked: ``marker`` is written with ``contents``. A folder
+    holding ``marker`` is reused (its marker rewritten). Anything else is a user's folder:
+    :class:`ForeignFolderError` names ``option`` and the folder, and nothing is written.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ForeignFolderError(f"{option} {folder} is a file, not a folder")
-    if folder.is_dir() and not (folder / OUTPUT_MARKER).is_file() and any(folder.iterdir()):
+    if folder.is_dir() and not (folder / marker).is_file() and any(folder.iterdir()):
         raise ForeignFolderError(f"{option} {folder} is not empty and was not made by istr (it holds no "
-                                 f"{OUTPUT_MARKER}); istr writes only into a missing or empty folder, or one it "
+                                 f"{marker}); istr writes only into a missing or empty folder, or one it "
                                  "made. Nothing was changed: pick another folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / OUTPUT_MARKER).touch()
+        atomic_write_text(folder / marker, contents)
     except OSError as err:
         raise ForeignFolderError(f"{option} {folder}: cannot write there ({err.strerror})") from None
     return folder

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from istr.data.checks import DatasetError
-from istr.io import atomic_write_text
+from istr.io import ForeignFolderError, atomic_write_text, claim_output_folder
 
 # A shape is a list of (polygon in unit coordinates inside the unit disc, fill value); fill 0
 # cuts a hole (ring).
@@ -268,16 +268,10 @@ def is_generated(folder: Path) -> bool:
 
 def claim_folder(out_dir: Path, params: dict) -> None:
     """Refuse a folder with files the generator did not write; else record ``params`` in :data:`MARKER`."""
-    if out_dir.exists() and not is_generated(out_dir):
-        if not out_dir.is_dir():
-            raise NotOurFolderError(f"{out_dir} is a file, not a folder; the synthetic dataset needs a folder")
-        if any(out_dir.iterdir()):
-            raise NotOurFolderError(
-                f"{out_dir} is not empty and holds no {MARKER}, so the generator did not make it; "
-                "it writes only into a missing or empty folder (or one it made)"
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / MARKER, json.dumps(params))
+    try:
+        claim_output_folder(out_dir, "the synthetic dataset's folder", MARKER, json.dumps(params))
+    except ForeignFolderError as err:
+        raise NotOurFolderError(str(err)) from None
 
 
 def generate_synthetic_coco(

@@ -52,3 +52,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def has_training_state(checkpoint: dict) -> bool:
     return all(key in checkpoint for key in TRAINING_STATE)
+
+
+def resumable_checkpoint(path: Path, max_steps: int) -> dict:
+    """The checkpoint ``--resume`` continues from, read and checked before anything is written.
+
+    A finished run's weights-only checkpoint can be resumed only to evaluate it again (its step is
+    ``max_steps``): training on needs the optimizer state (``train.keep_optimizer_state``).
+    """
+    checkpoint = load_checkpoint(path)
+    if checkpoint["step"] < max_steps and not has_training_state(checkpoint):
+        raise CheckpointError(
+            f"{path} holds a finished run's weights only (step {checkpoint['step']}), not its optimizer state, "
+            f"so it cannot train on to train.max_steps={max_steps}; start a new run, or set "
+            "train.keep_optimizer_state=true for runs you will extend"
+        )
+    return checkpoint

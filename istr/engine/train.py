@@ -30,7 +30,7 @@ from istr.data.build import (
     split_paths,
 )
 from istr.engine import dist as D
-from istr.engine.checkpoint import CheckpointError, has_training_state, load_checkpoint, save_checkpoint
+from istr.engine.checkpoint import has_training_state, load_checkpoint, resumable_checkpoint, save_checkpoint
 from istr.engine.evaluate import coco_evaluate, predict_dataset
 from istr.engine.memory import keep_freed_memory
 from istr.engine.precision import autocast, use_amp
@@ -252,22 +252,6 @@ def evaluate_run(
     atomic_write_json(run_dir / EVAL_FILE, metrics)
     atomic_write_text(run_dir / EVAL_TEXT_FILE, summary)
     return metrics
-
-
-def resumable_checkpoint(path: Path, max_steps: int) -> dict:
-    """The checkpoint ``--resume`` continues from, read and checked before anything is written.
-
-    A finished run's weights-only checkpoint can be resumed only to evaluate it again (its step is
-    ``max_steps``): training on needs the optimizer state (``train.keep_optimizer_state``).
-    """
-    checkpoint = load_checkpoint(path)
-    if checkpoint["step"] < max_steps and not has_training_state(checkpoint):
-        raise CheckpointError(
-            f"{path} holds a finished run's weights only (step {checkpoint['step']}), not its optimizer state, "
-            f"so it cannot train on to train.max_steps={max_steps}; start a new run, or set "
-            "train.keep_optimizer_state=true for runs you will extend"
-        )
-    return checkpoint
 
 
 def check_arms(cfg: Config) -> None:
