@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from istr.codecs import MaskCodec
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config, load_config
 from istr.data.build import build_dataset, build_train_loader, ensure_dataset, split_paths
@@ -67,18 +68,20 @@ def build_cell(cfg: Config, batches: int) -> tuple[TrainState, list[dict]]:
     train_set = build_dataset(cfg.data, "train", train=True)
     codec, _, _ = fit_or_load_codec(cfg.codec, split_paths(cfg.data, "train")[0], train_set.coco,
                                     Path(cfg.cache_dir), cfg.seed)  # fmt: skip
+    data = iter(build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, 0, 1, 0, pin_memory=False))
+    return train_state(cfg, train_set.num_classes, codec), [next(data) for _ in range(batches)]
+
+
+def train_state(cfg: Config, num_classes: int, codec: MaskCodec) -> TrainState:
+    """A fresh train state of ``cfg`` on the CPU (``train.amp`` decides its precision)."""
     seed_everything(cfg.seed)
     with tempfile.TemporaryDirectory() as folder:
-        model = build_model(cfg.model, train_set.num_classes, codec.dim, _frozen_like_preset(cfg, Path(folder)))
+        model = build_model(cfg.model, num_classes, codec.dim, _frozen_like_preset(cfg, Path(folder)))
     optimizer, scheduler = build_optimizer(model, cfg.train)
     device = torch.device("cpu")
-    state = TrainState(model.train(), codec, build_criterion(cfg.loss, build_matcher(cfg.matcher, codec), codec),
-                       optimizer, scheduler, loss_weights(cfg.loss), device, use_amp(device, cfg.train.amp),
-                       cfg.train.clip_grad_norm)  # fmt: skip
-    if not batches:
-        return state, []
-    data = iter(build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, 0, 1, 0, pin_memory=False))
-    return state, [next(data) for _ in range(batches)]
+    return TrainState(model.train(), codec, build_criterion(cfg.loss, build_matcher(cfg.matcher, codec), codec),
+                      optimizer, scheduler, loss_weights(cfg.loss), device, use_amp(device, cfg.train.amp),
+                      cfg.train.clip_grad_norm)  # fmt: skip
 
 
 def step_flops(state: TrainState, batch: dict) -> int:
@@ -95,8 +98,7 @@ def run_cell_bench(preset: Path, overrides: list[str], threads: int, iters: int,
     keep_freed_memory()
     cfg = load_config(preset, overrides)
     fast, batches = build_cell(cfg, batches=4)
-    plain_cfg = load_config(preset, [*overrides, "train.amp=false"])
-    plain, _ = build_cell(plain_cfg, batches=0)
+    plain = train_state(load_config(preset, [*overrides, "train.amp=false"]), fast.model.num_classes, fast.codec)
     plain.model.load_state_dict(fast.model.state_dict())  # the same weights: the paths differ only in precision
     seconds: dict[str, list[float]] = {"plain": [], "fast": []}
     for it in range(warmup + iters):
