@@ -16,6 +16,7 @@ METRICS_FILE = "metrics.jsonl"
 COST_FILE = "cost.json"
 EVAL_FILE = "eval.json"
 EVAL_TEXT_FILE = "eval.txt"
+EVAL_IMAGES_FILE = "eval_images.npz"  # segm per-image records (istr/eval_images.py): what the val bootstrap needs
 SUMMARY_FILE = "train_summary.json"
 CODEC_FILE = "codec.pt"
 CODEC_STATS_FILE = "codec_stats.json"

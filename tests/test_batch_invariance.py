@@ -251,8 +251,8 @@ def test_eval_detections_and_metrics_do_not_depend_on_the_batch_size(mixed_cfg, 
     eight = _detections(mixed_cfg, mixed_val, random_model, build_eval_loader(mixed_val, mixed_cfg.data, 8))
     assert len(one) == len(eight) > 0
     assert_same_detections(eight, one)
-    metrics_one, _ = coco_evaluate(mixed_val.coco, one)
-    metrics_eight, _ = coco_evaluate(mixed_val.coco, eight)
+    metrics_one = coco_evaluate(mixed_val.coco, one).metrics
+    metrics_eight = coco_evaluate(mixed_val.coco, eight).metrics
     for iou_type, values in metrics_one.items():
         for name, value in values.items():
             other = metrics_eight[iou_type][name]

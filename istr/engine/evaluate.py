@@ -6,7 +6,9 @@ import contextlib
 import copy
 import io
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -15,6 +17,7 @@ from tqdm import tqdm
 
 from istr.engine.precision import autocast
 from istr.engine.rle import encode_masks
+from istr.eval_images import compact_records
 from istr.model.inference import postprocess
 from istr.results import AP_NAMES, IOU_TYPES
 
@@ -83,26 +86,35 @@ def predict_dataset(
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict]) -> tuple[dict[str, dict[str, float | None]], str]:
-    """COCOeval on both IoU types -> ({"bbox": {...}, "segm": {...}} in percent, printed summary).
+class CocoEvaluation(NamedTuple):
+    """COCOeval's numbers in percent ({"bbox": {...}, "segm": {...}}), its printed summary, and the segm per-image
+    records (:mod:`istr.eval_images`; None without detections)."""
 
-    A metric COCOeval cannot compute (no GT in that size range) is None, never 0.
-    """
+    metrics: dict[str, dict[str, float | None]]
+    summary: str
+    segm_records: dict[str, np.ndarray] | None
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict]) -> CocoEvaluation:
+    """COCOeval on both IoU types. A metric COCOeval cannot compute (no GT in that size range) is None, never 0."""
     metrics: dict[str, dict[str, float | None]] = {}
     text = io.StringIO()
+    records = None
     for iou_type in IOU_TYPES:
         if not results:
             metrics[iou_type] = {name: 0.0 for name in AP_NAMES}
             continue
-        records = copy.deepcopy(results)  # loadRes mutates its input
+        detections = copy.deepcopy(results)  # loadRes mutates its input
         if iou_type == "segm":
             # As detectron2: without a bbox, COCOeval sizes detections by mask area, not box area.
-            for record in records:
-                record.pop("bbox", None)
+            for detection in detections:
+                detection.pop("bbox", None)
         with contextlib.redirect_stdout(text):
-            coco_dt = coco_gt.loadRes(records)
+            coco_dt = coco_gt.loadRes(detections)
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.evaluate()
+            if iou_type == "segm":
+                records = compact_records(evaluator)
             evaluator.accumulate()
             print(f"== {iou_type} ==")
             evaluator.summarize()
@@ -110,4 +122,4 @@ def coco_evaluate(coco_gt: COCO, results: list[dict]) -> tuple[dict[str, dict[st
             name: (None if value < 0 or math.isnan(value) else round(100 * float(value), 3))
             for name, value in zip(AP_NAMES, evaluator.stats[:6])
         }
-    return metrics, text.getvalue()
+    return CocoEvaluation(metrics, text.getvalue(), records)

@@ -37,6 +37,7 @@ from istr.engine.precision import autocast, use_amp
 from istr.engine.pretrain import resolve_backbone_weights
 from istr.engine.rundir import check_run_dir, claimed
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
+from istr.eval_images import save_records
 from istr.io import atomic_write_json, atomic_write_text
 from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
 from istr.matcher import MASK_COSTS, build_matcher
@@ -50,6 +51,7 @@ from istr.results import (
     CONFIG_FILE,
     COST_FILE,
     EVAL_FILE,
+    EVAL_IMAGES_FILE,
     EVAL_TEXT_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
@@ -232,7 +234,8 @@ def evaluate_run(
     run_dir: Path,
     detections_path: Path | None = None,
 ) -> dict:
-    """COCOeval on the val split -> run_dir/eval.json (percent); the detections too, to ``detections_path``."""
+    """COCOeval on the val split -> run_dir/eval.json (percent) and the per-image records (eval_images.npz); the
+    detections too, to ``detections_path``."""
     val_set = build_dataset(cfg.data, "val", train=False)
     loader = build_eval_loader(val_set, cfg.data, cfg.eval.batch_size)
     results = predict_dataset(
@@ -248,10 +251,12 @@ def evaluate_run(
     )
     if detections_path is not None:
         atomic_write_json(detections_path, results)
-    metrics, summary = coco_evaluate(val_set.coco, results)
-    atomic_write_json(run_dir / EVAL_FILE, metrics)
-    atomic_write_text(run_dir / EVAL_TEXT_FILE, summary)
-    return metrics
+    evaluation = coco_evaluate(val_set.coco, results)
+    atomic_write_json(run_dir / EVAL_FILE, evaluation.metrics)
+    atomic_write_text(run_dir / EVAL_TEXT_FILE, evaluation.summary)
+    if evaluation.segm_records is not None:
+        save_records(run_dir / EVAL_IMAGES_FILE, evaluation.segm_records)
+    return evaluation.metrics
 
 
 def check_arms(cfg: Config) -> None:

@@ -171,7 +171,7 @@ def evaluate_codec(codec: MaskCodec, val: ValSet) -> dict[str, float]:
         masks = paste_masks(probs[img.span], img.boxes, img.height, img.width) > 0.5
         prediction = {"masks": masks, "boxes": img.boxes, "scores": torch.ones(n), "labels": torch.arange(n)}
         results.extend(to_coco_results(prediction, img.image_id, img.category_ids))
-    metrics, _ = coco_evaluate(val.coco, results)
+    metrics = coco_evaluate(val.coco, results).metrics
     for stat in ("AP", "AP50", "AP75"):
         value = metrics["segm"][stat]
         out[f"oracle_segm_{stat}"] = nan if value is None else float(value)
