@@ -21,6 +21,11 @@ SUMMARY_FILE = "train_summary.json"
 CODEC_FILE = "codec.pt"
 CODEC_STATS_FILE = "codec_stats.json"
 CHECKPOINT_FILE = "checkpoints/last.pt"
+TRIAL_RECORD = "sweep_trial.json"  # written by the sweep harness: wall_s, attempts, finished_at
+TRAIN_LOG = "train.log"  # the sweep's child `istr train` output
+# What a cell archive keeps of a finished run dir (istr/sweep/archive.py): everything but the weights.
+ARCHIVED_FILES = (CONFIG_FILE, EVAL_FILE, EVAL_TEXT_FILE, EVAL_IMAGES_FILE, SUMMARY_FILE, METRICS_FILE, COST_FILE,
+                  CODEC_STATS_FILE, TRIAL_RECORD)  # fmt: skip
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval's first six stats, in its order
 IOU_TYPES = ("bbox", "segm")

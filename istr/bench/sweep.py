@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from istr.results import SUMMARY_FILE
+from istr.results import SUMMARY_FILE, TRAIN_LOG
 
 DEFAULT_SETS = ("train.max_steps=20", "train.checkpoint_every=20")  # the harness adds logging.progress=false
 STUDY = "overhead"
@@ -39,7 +39,7 @@ def _rows(root: Path, study: str) -> list[dict[str, str]]:
 
 def _log_sizes(root: Path) -> dict[str, int]:
     """Size of every cell's ``train.log`` under ``root`` (it grows only when a trial trains)."""
-    return {p.as_posix(): p.stat().st_size for p in root.glob("*/*/train.log")}
+    return {p.as_posix(): p.stat().st_size for p in root.glob(f"*/*/{TRAIN_LOG}")}
 
 
 def _trained(before: dict[str, int], after: dict[str, int]) -> int:
@@ -62,7 +62,7 @@ def _timed_sweep(spec: str | Path, root: Path, study: str, **kw: Any) -> tuple[f
 
 def _trial(row: dict[str, str]) -> dict[str, Any]:
     """One results row -> the harness's child wall and the child's own train loop time."""
-    from istr.sweep.records import TRIAL_RECORD
+    from istr.results import TRIAL_RECORD
 
     run_dir = Path(row["run_dir"])
     wall = float(json.loads((run_dir / TRIAL_RECORD).read_text())["wall_s"])

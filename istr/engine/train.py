@@ -43,6 +43,7 @@ from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights
 from istr.matcher import MASK_COSTS, build_matcher
 from istr.model import build_model
 from istr.model.head import ATTENTIONS
+from istr.provenance import code_version
 from istr.registry import pick
 from istr.results import (
     CHECKPOINT_FILE,
@@ -396,6 +397,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     "param_checksums": checksums,
                     "wandb_run_id": wandb_sink.run_id if wandb_sink else None,
                     "img_per_s": totals["img_per_s"],
+                    "code_version": code_version(),
                 },
             )
         D.barrier()

@@ -49,9 +49,15 @@ def sweep_command(args: argparse.Namespace) -> None:
         from istr.sweep.spec import SpecError
 
         raise SpecError(f"unexpected argument {args.study!r} after the spec (did you mean --name?)")
+    archive = None
+    if args.archive:
+        from istr.io import claim_output_folder
+
+        archive = claim_output_folder(Path(args.archive), option="--archive")
     counts = run_sweep(args.spec, preset=args.preset, seeds=args.seeds, sets=args.sets, study_name=args.name,
                        workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
-                       root=Path(args.root), trials=args.trials, wait=not args.no_wait)
+                       root=Path(args.root), trials=args.trials, wait=not args.no_wait,
+                       archive=archive)
     _print_status(counts)
     exit_if_unfinished(counts)
 
@@ -95,6 +101,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="study name (default <axis>-<preset>)")
     p.add_argument("--trials", type=int, default=None,
                    help="trial budget of a random/bayes spec (default: its run_cap); grids run every cell")
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="cell archive: each finished cell's files but its weights are kept in DIR/<cell id>/, "
+                   "and a cell found there is done (commit DIR to resume from git)")
     p.add_argument("--no-wait", action="store_true",
                    help="exit when this machine has nothing left to run, without waiting for the cells other "
                    "machines run (exit status 3 while some do)")

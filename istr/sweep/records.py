@@ -22,10 +22,18 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from istr.io import atomic_write_text, file_lock
-from istr.results import CODEC_STATS_FILE, COLUMNS, CONFIG_FILE, EVAL_FILE, METRICS, SUMMARY_FILE, flat_metrics
+from istr.results import (
+    CODEC_STATS_FILE,
+    COLUMNS,
+    CONFIG_FILE,
+    EVAL_FILE,
+    METRICS,
+    SUMMARY_FILE,
+    TRIAL_RECORD,
+    flat_metrics,
+)
 from istr.sweep.storage import open_storage, stale_trials, study_dir, utc_now
 
-TRIAL_RECORD = "sweep_trial.json"  # written by the harness into a run dir: wall_s, attempts, finished_at
 # the columns that come from the run dir; stored as flat user attrs of the trial that completed the cell
 RUN_COLUMNS = [*METRICS, "steps", "wall_s", "img_per_s", "device", "wandb_run_id", "finished_at", "train_s",
                "attempts", "codec_type", "codec_dim", "codec_iou"]

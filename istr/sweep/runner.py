@@ -33,7 +33,7 @@ from istr.registry import UnknownArmError
 from istr.sweep.records import progress_line, status_counts, write_results
 from istr.sweep.spec import Cell, SpecError, cell_identity, load_spec, param_overrides, resolve_preset
 from istr.sweep.storage import LEASE_TTL_S, open_storage, reap_stale_trials, storage_lock, study_dir
-from istr.sweep.trial import SweepPlan, run_trial
+from istr.sweep.trial import SweepPlan, find_done, run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MAX_CONSECUTIVE_FAILURES = 3
@@ -172,7 +172,7 @@ def threads_per_trial(workers: int) -> int:
 
 def build_plan(spec_path, preset=None, seeds=None, sets=(), study_name=None, storage_url=None,
                trial_timeout=None, root=Path("runs/sweeps"), lease_ttl=LEASE_TTL_S, trials=None, workers=1,
-               log_lines=False):
+               log_lines=False, archive=None):
     spec = load_spec(spec_path).with_seeds(seeds)
     preset_path = resolve_preset(preset or spec.preset)
     name = study_name or f"{spec.axis}-{preset_path.stem}"
@@ -181,7 +181,7 @@ def build_plan(spec_path, preset=None, seeds=None, sets=(), study_name=None, sto
                      storage_url=storage_url, root=str(root), trial_timeout=trial_timeout,
                      lease_ttl=lease_ttl, n_trials=trials or spec.run_cap,
                      threads_per_trial=threads_per_trial(workers), early_terminate=spec.early_terminate,
-                     log_lines=log_lines)
+                     log_lines=log_lines, archive=str(archive) if archive else None)
     return spec, plan
 
 
@@ -204,6 +204,12 @@ def plan_cells(spec, plan: SweepPlan) -> dict[str, Cell] | None:
         resolve({k: p["values"][0] if "values" in p else p.get("value", p.get(bound))
                  for k, p in spec.parameters.items()})
     return None
+
+
+def needs_training(plan: SweepPlan, cells: dict[str, Cell] | None) -> bool:
+    """Whether any cell may still train here: a random/bayes draw, or a grid cell with no finished run."""
+    archive = Path(plan.archive) if plan.archive else None
+    return cells is None or any(find_done(Path(plan.root), plan.study, cell_id, archive) is None for cell_id in cells)
 
 
 def prepare_shared(plan: SweepPlan) -> None:
@@ -236,19 +242,21 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
               storage_url: str | None = None, trial_timeout: float | None = None,
               root: Path = Path("runs/sweeps"), lease_ttl: float = LEASE_TTL_S,
               progress: bool | None = None, trials: int | None = None, wait: bool = True,
-              poll_s: float = POLL_S) -> dict[str, Any]:
+              poll_s: float = POLL_S, archive: Path | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep; returns :func:`istr.sweep.records.status_counts` + results path.
 
     ``trials`` is the budget of a random/bayes spec (default: the spec's W&B ``run_cap``); a grid runs its
     cells. ``progress``: True a progress bar, False nothing, None a bar on a terminal and one line per
     cell start/end otherwise. ``wait``: after this machine's work, wait for the cells running elsewhere.
+    ``archive``: the cell archive (:mod:`istr.sweep.archive`), read for finished cells and added to.
     """
     log_lines = progress is None and not sys.stdout.isatty()
     spec, plan = build_plan(spec_path, preset, seeds, sets, study_name, storage_url, trial_timeout, root, lease_ttl,
-                            trials, workers, log_lines)
+                            trials, workers, log_lines, archive)
     cells = plan_cells(spec, plan)
     study = prepare_study(plan, cells)
-    prepare_shared(plan)
+    if needs_training(plan, cells):  # all archived: no data to generate and no backbone to pretrain
+        prepare_shared(plan)
     counts = status_counts(study, Path(plan.root))
     bar = tqdm(total=counts["total"], initial=counts["done"], desc=f"sweep {plan.study}", unit="cell",
                disable=not progress if progress is not None else log_lines)

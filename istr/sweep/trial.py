@@ -32,8 +32,9 @@ from optuna.trial import TrialState
 from istr.config import ConfigError, load_config
 from istr.engine.rundir import claim_run_dir, marker
 from istr.io import atomic_write_json
-from istr.results import CHECKPOINT_FILE, EVAL_FILE, METRICS_FILE, arm_name, flat_metrics
-from istr.sweep.records import TRIAL_RECORD, _read_json, progress_line, run_columns
+from istr.results import CHECKPOINT_FILE, EVAL_FILE, METRICS_FILE, TRAIN_LOG, TRIAL_RECORD, arm_name, flat_metrics
+from istr.sweep.archive import archive_cell, archived
+from istr.sweep.records import _read_json, progress_line, run_columns
 from istr.sweep.spec import cell_identity, param_overrides
 from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lease
 
@@ -61,6 +62,7 @@ class SweepPlan:
     threads_per_trial: int = 0  # 0 = torch's default
     early_terminate: dict[str, Any] | None = None  # the spec's W&B early_terminate (-> Optuna pruner)
     log_lines: bool = False  # print one line per cell start/end (off a terminal)
+    archive: str | None = None  # the cell archive (istr/sweep/archive.py): finished cells are copied there
 
     def base_overrides(self) -> list[str]:
         """W&B logging for every trial (``--set logging.wandb=false`` turns it off), the CPU threads of
@@ -104,12 +106,15 @@ def suggest(trial: optuna.Trial, parameters: dict[str, dict[str, Any]], grid: bo
     return out
 
 
-def find_done(root: Path, study: str, cell_id: str) -> Path | None:
-    """A finished run dir of this cell under the same root: this study's first, then any other."""
+def find_done(root: Path, study: str, cell_id: str, archive: Path | None = None) -> Path | None:
+    """A finished run of this cell: this study's run dir, the archive's record, then another study's run dir."""
     own = root / study / cell_id
     if (own / EVAL_FILE).is_file():
         return own
-    for cand in sorted(root.glob(f"*/{cell_id}/eval.json")):
+    record = archived(archive, cell_id)
+    if record is not None:
+        return record
+    for cand in sorted(root.glob(f"*/{cell_id}/{EVAL_FILE}")):
         return cand.parent
     return None
 
@@ -186,7 +191,7 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
     reporter = EvalReporter(trial, run_dir / METRICS_FILE, plan.metric)
     started = time.perf_counter()
     interval = max(plan.lease_ttl / 6.0, 0.5)
-    with open(run_dir / "train.log", "ab") as log:
+    with open(run_dir / TRAIN_LOG, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup, env=env)
         try:
             while True:
@@ -216,7 +221,7 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
             atomic_write_json(run_dir / TRIAL_RECORD, record)
     reporter.poll()
     if rc != 0 or not (run_dir / EVAL_FILE).is_file():
-        return TrialState.FAIL, f"istr train exited {rc}; see {run_dir / 'train.log'}"
+        return TrialState.FAIL, f"istr train exited {rc}; see {run_dir / TRAIN_LOG}"
     atomic_write_json(run_dir / TRIAL_RECORD, {**record, "finished_at": utc_now()})
     return TrialState.COMPLETE, ""
 
@@ -248,7 +253,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
     root = Path(plan.root)
     if plan.log_lines:
         print(progress_line(study, "start", trial._trial_id), flush=True)
-    done = find_done(root, plan.study, cell_id)
+    archive = Path(plan.archive) if plan.archive else None
+    done = find_done(root, plan.study, cell_id, archive)
     if done is None:
         env = wandb_env(plan, cell_id, trial.user_attrs["arm"], int(cfg.seed))
         state, reason = train_cell(study, trial, plan, cell_id, overrides, root / plan.study / cell_id, env)
@@ -258,6 +264,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
         done = root / plan.study / cell_id
     elif done.parent.name != plan.study:
         trial.set_user_attr("reused_from", done.as_posix())
+    if archive is not None:
+        archive_cell(done, archive, cell_id)
     trial.set_user_attr("run_dir", done.as_posix())
     for key, value in run_columns(done).items():  # flat: the dashboard's table and results.csv on any machine
         if value is not None:
