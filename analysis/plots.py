@@ -120,10 +120,11 @@ def codec_dim_figure(df: pd.DataFrame, report: pd.DataFrame | None) -> plt.Figur
 
 
 def save_figure(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
-    """``fig`` as ``out/<stem>.png`` and ``.pdf`` (closed afterwards)."""
+    """``fig`` as ``out/<stem>.png`` and ``.pdf`` (closed afterwards), without a creation date: the same results
+    give the same bytes."""
     paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
-        fig.savefig(path, dpi=150)
+        fig.savefig(path, dpi=150, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     plt.close(fig)
     return paths
 

@@ -1,5 +1,8 @@
 """Per-arm summaries over seeds (t-distribution CI), paired comparisons to the default arm, and the power of those
-comparisons: the minimum detectable effect (MDE) at the n used, and the n needed to detect a stated Δ."""
+comparisons: the minimum detectable effect (MDE) at the n used, and the n needed to detect a stated Δ.
+
+Given each cell's metric on the same redraws of the val images (`analysis.val_noise`), the CI, the paired test and
+the MDE also cover the val images (variance components: seed variance / n + the variance over the redraws)."""
 
 from __future__ import annotations
 
@@ -51,25 +54,29 @@ def default_arm(df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None 
     return arms[0], f"axis {axis!r}: {note}, {arms[0]!r}"
 
 
-def ci_halfwidth(values: np.ndarray | pd.Series, confidence: float = 0.95) -> float:
-    """Half-width of the two-sided t-distribution CI of the mean; NaN when n < 2."""
+def ci_halfwidth(values: np.ndarray | pd.Series, confidence: float = 0.95, var_val: float = 0.0) -> float:
+    """Half-width of the two-sided t CI of the mean, t_{n-1} · √(sd²/n + var_val); NaN when n < 2.
+
+    `var_val`: the val-image variance of the mean (`seed_mean_draws`), so the CI covers a redrawn val set too.
+    """
     x = np.asarray(pd.Series(values).dropna(), dtype=float)
     n = len(x)
     if n < 2:
         return math.nan
     sd = float(np.std(x, ddof=1))
-    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * math.sqrt(sd**2 / n + var_val))
 
 
-def describe(values: pd.Series) -> dict[str, float]:
-    """n (values defined), mean, sd (ddof=1) and 95% CI half-width (t-distribution); NaN where undefined."""
+def describe(values: pd.Series, var_val: float = 0.0) -> dict[str, float]:
+    """n (values defined), mean, sd (ddof=1) and 95% CI half-width (t-distribution, with the val-image variance
+    `var_val` of the mean added to the seed variance sd²/n); NaN where undefined."""
     x = values.dropna().astype(float)
     n = len(x)
     return {
         "n": n,
         "mean": float(x.mean()) if n else math.nan,
         "sd": float(x.std(ddof=1)) if n > 1 else math.nan,
-        "ci95": ci_halfwidth(x),
+        "ci95": ci_halfwidth(x, var_val=var_val),
     }
 
 
@@ -79,34 +86,82 @@ def summarize(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["axis", "arm", "n", "mean", "sd", "ci95"])
 
 
-def paired_vs_default(df: pd.DataFrame, metric: str, default_arm: str) -> pd.DataFrame:
-    """Per arm: mean and SD of (arm - default) over seeds where both have a value, and the paired t-test p-value.
+def seed_mean_draws(
+    df: pd.DataFrame, metric: str, val_draws: Mapping[str, np.ndarray] | None, seeds: list | None = None
+) -> np.ndarray | None:
+    """[draws] the seed mean of `metric` on each val-image redraw, over the rows of `df` (one arm) with a defined
+    `metric` (only `seeds`, if given; a seed's several cells averaged first, as `paired_vs_default` does); None
+    when there are no draws or a cell has none (then only the seed noise is known)."""
+    rows = df.dropna(subset=[metric])
+    if seeds is not None:
+        rows = rows[rows["seed"].isin(seeds)]
+    if not val_draws or rows.empty or not all(str(c) in val_draws for c in rows["cell_id"]):
+        return None
+    per_seed = [np.mean([val_draws[str(c)] for c in g["cell_id"]], axis=0) for _, g in rows.groupby("seed")]
+    return np.mean(per_seed, axis=0)
 
-    `df` should hold one axis. Test: `scipy.stats.ttest_rel` (two-sided); p and the SD are NaN with fewer than
-    2 pairs. The default arm's own row has n_pairs = its seed count and NaN SD (nothing to pair with).
+
+def val_variance(draws: np.ndarray | None) -> float:
+    """The variance (ddof=1) over the redraws of the val images; NaN without draws."""
+    return float(np.var(draws, ddof=1)) if draws is not None and len(draws) > 1 else math.nan
+
+
+def paired_vs_default(
+    df: pd.DataFrame, metric: str, default_arm: str, val_draws: Mapping[str, np.ndarray] | None = None
+) -> pd.DataFrame:
+    """Per arm: mean and SD of (arm - default) over seeds where both have a value, its standard error and p-value.
+
+    `df` should hold one axis. Seed noise only (no `val_draws`, or a paired cell without draws): the paired t-test
+    (`scipy.stats.ttest_rel`, two-sided), se = sd_diff/√n, sd_val NaN. With `val_draws` ({cell_id: `metric` on the
+    same redraws of the val images}, `analysis.val_noise.image_draws`) the verdict also covers the val images, by
+    variance components: var_val = Var_b(mean_s(arm[s, b] - default[s, b])) over the redraws b of the paired seeds'
+    seed-averaged difference, se = √(sd_diff²/n + var_val), p two-sided from t with n - 1 df on Δ/se. That is
+    conservative: sd_diff already holds the seed × image interaction that var_val counts again.
+    p, SD and se are NaN with fewer than 2 pairs. The default arm's own row has n_pairs = its seed count, NaN SD
+    and se (nothing to pair with) and sd_val = the SD over redraws of its seed mean.
     """
     per_seed = df.pivot_table(index="seed", columns="arm", values=metric, aggfunc="mean")
-    columns = ["arm", "n_pairs", "delta", "sd_diff", "p"]
+    columns = ["arm", "n_pairs", "delta", "sd_diff", "sd_val", "se", "p"]
+    nan = math.nan
     rows = []
     for arm in sorted(df["arm"].dropna().unique()):
         if default_arm not in per_seed.columns or arm not in per_seed.columns:
-            rows.append({"arm": arm, "n_pairs": 0, "delta": math.nan, "sd_diff": math.nan, "p": math.nan})
+            rows.append({"arm": arm, "n_pairs": 0, "delta": nan, "sd_diff": nan, "sd_val": nan, "se": nan, "p": nan})
             continue
         if arm == default_arm:
             n = len(per_seed[arm].dropna())
-            rows.append({"arm": arm, "n_pairs": n, "delta": 0.0 if n else math.nan, "sd_diff": math.nan, "p": math.nan})
+            sd_val = math.sqrt(val_variance(seed_mean_draws(df[df["arm"] == arm], metric, val_draws)))
+            rows.append({"arm": arm, "n_pairs": n, "delta": 0.0 if n else nan, "sd_diff": nan, "sd_val": sd_val,
+                         "se": nan, "p": nan})  # fmt: skip
             continue
         pair = per_seed[[arm, default_arm]].dropna()
         n = len(pair)
         diff = pair[arm] - pair[default_arm]
-        p = math.nan
-        if n >= 2:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p = float(stats.ttest_rel(pair[arm], pair[default_arm]).pvalue)
-        rows.append({"arm": arm, "n_pairs": n, "delta": float(diff.mean()) if n else math.nan,
-                     "sd_diff": float(diff.std(ddof=1)) if n >= 2 else math.nan, "p": p})  # fmt: skip
+        sd_diff = float(diff.std(ddof=1)) if n >= 2 else nan
+        seeds = list(pair.index)
+        draws_arm = seed_mean_draws(df[df["arm"] == arm], metric, val_draws, seeds)
+        draws_base = seed_mean_draws(df[df["arm"] == default_arm], metric, val_draws, seeds)
+        var_val = val_variance(None if draws_arm is None or draws_base is None else draws_arm - draws_base)
+        p = nan
+        if math.isnan(var_val):
+            se = sd_diff / math.sqrt(n) if n >= 2 else nan
+            if n >= 2:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    p = float(stats.ttest_rel(pair[arm], pair[default_arm]).pvalue)
+        else:
+            se = math.sqrt(sd_diff**2 / n + var_val) if n >= 2 else nan
+            if se > 0:
+                p = float(2 * stats.t.sf(abs(float(diff.mean())) / se, n - 1))
+        rows.append({"arm": arm, "n_pairs": n, "delta": float(diff.mean()) if n else nan, "sd_diff": sd_diff,
+                     "sd_val": math.sqrt(var_val), "se": se, "p": p})  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
+
+
+def effective_sd(n: int, sd: float, var_val: float) -> float:
+    """The SD whose `mde(n, ·)` covers seeds and val images: √(sd² + n·var_val), as se² = (sd² + n·var_val)/n;
+    `sd` itself when `var_val` is NaN (no draws)."""
+    return sd if math.isnan(var_val) else math.sqrt(sd**2 + n * var_val)
 
 
 def paired_power(d: float, n: float, alpha: float = ALPHA) -> float:

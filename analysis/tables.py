@@ -1,5 +1,10 @@
-"""The paper's per-axis ablation tables: mean ± 95% CI over seeds, paired Δ to the default arm, each arm's seed SD
-and the minimum detectable effect (MDE) of the paired test at the n used, cost columns.
+"""The paper's per-axis ablation tables: mean ± 95% CI, paired Δ to the default arm and its p, each arm's seed SD
+and val-image SD, the minimum detectable effect (MDE) of the paired test at the n used, cost columns.
+
+The mask AP numbers speak for the population of images, not only the val set: when every cell of a table kept
+its per-image val records (`eval_images.npz`), its CI, p and MDE add the variance of a redrawn val set to the seed
+variance (variance components, `analysis.stats.paired_vs_default`, draws from `analysis.val_noise`); otherwise
+the table covers seeds only, and its footnote says which.
 
 CLI: `python -m analysis.tables --runs runs/sweeps [--studies a,b] [--codec-report CSV] [--seed-rule JSON]
 --out results/` writes `<axis>.md/.tex/.csv` per axis found (+ `codec_upper_bound.*` for the codecs trained) and
@@ -9,6 +14,7 @@ half-width, SD and n as separate columns). Default arms: the base preset's value
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +23,20 @@ from typing import Any
 import pandas as pd
 
 from analysis.load import load_codec_report, results_from_cli
-from analysis.stats import ALPHA, POWER, arm_order, default_arm, describe, mde, paired_vs_default
+from analysis.stats import (
+    ALPHA,
+    POWER,
+    arm_order,
+    default_arm,
+    describe,
+    effective_sd,
+    mde,
+    paired_vs_default,
+    seed_mean_draws,
+    val_variance,
+)
+from analysis.val_noise import ImageDraws, image_draws
+from istr.results import SUMMARY_FILE
 
 METRIC_COLUMNS: dict[str, str] = {
     "segm_AP": "mask AP",
@@ -29,8 +48,10 @@ METRIC_COLUMNS: dict[str, str] = {
     "bbox_AP": "box AP",
 }
 DELTA_COL = "Δ mask AP vs default"
-P_COL = "p (paired t-test)"
+P_COL = "p (paired t-test)"  # seeds only
+P_VAL_COL = "p (seeds + val images)"
 SD_COL = "seed SD"
+VAL_SD_COL = "val SD"
 MDE_COL = "MDE"
 HOURS_COL = "CPU/GPU-hours"
 IPS_COL = "img/s"
@@ -38,22 +59,26 @@ DASH = "—"
 MISSING = "†"  # footnote marker: missing value
 NO_TEST = "‡"  # footnote marker: fewer than 2 (paired) seeds
 ARM_SD = "§"  # footnote marker: MDE from the arm's own seed SD
+NO_VAL = "¶"  # footnote marker: no per-image val records
 BASE = "(base)"
 FOOTNOTES = {
     MISSING: "missing: no completed trial with a defined value (failed, unfinished or undefined metric); never zero.",
     NO_TEST: "fewer than 2 seeds (paired with the default arm, for p): no test, SD or MDE; or identical paired "
     "differences (no p).",
-    ARM_SD: "MDE from the arm's own seed SD over its n seeds: it has no paired differences (the default arm itself, "
-    "or no seed in common with it).",
+    ARM_SD: "MDE from the arm's own seed SD over its n seeds (and its mean's val-image variance, where counted): it "
+    "has no paired differences (the default arm itself, or no seed in common with it).",
+    NO_VAL: "no val SD: not every cell of this table kept per-image val records (eval_images.npz).",
 }
 DEFAULT_SUFFIX = " (default)"
 AXIS_NOTES = [
-    "Cells: mean ± 95% CI half-width (t-distribution) over seeds; bold = best mean per column.",
-    "Δ and p: paired over matching seeds vs the default arm; p from a two-sided paired t-test.",
-    f"seed SD: SD of mask AP over the arm's seeds. MDE: the smallest true Δ mask AP that a two-sided paired t-test "
-    f"at α = {ALPHA} detects with power {POWER} at the n of pairs used (noncentral t): d(n) × the SD of the paired "
-    "differences vs the default arm.",
+    "Cells: mean ± 95% CI half-width (t-distribution, n−1 df); bold = best mean per column.",
+    "Δ and p: paired over matching seeds vs the default arm; two-sided.",
+    f"seed SD: SD of mask AP over the arm's seeds. val SD: SD of Δ (of the mean, for the default arm) over the "
+    f"redraws of the val images. MDE: the smallest true Δ mask AP that a two-sided paired t-test at α = {ALPHA} "
+    f"detects with power {POWER} at the n of pairs used (noncentral t): d(n) × the SD of the paired differences vs "
+    "the default arm, √(s² + n·σ²_img) when val images are counted.",
 ]
+SEEDS_ONLY = "Uncertainty covers seeds only: these results carry no per-image records."
 NO_SEED_RULE = "Seeds: no seed rule recorded with these results (istr ablate writes seed_rule.json); n as shown."
 CODEC_AXES = ("embedding", "embedding_dim")  # the axes whose arms are (codec type, dim) pairs
 CODEC_ORDER = ("pca", "dct", "sparse", "ae")
@@ -85,22 +110,101 @@ def seed_note(seed_rule: Mapping[str, Any] | None, axis: str) -> str:
     )
 
 
-def _mde_numbers(paired: pd.Series, own: dict[str, float]) -> dict[str, Any]:
-    """The MDE of mask AP: from the SD of the paired differences when there are ≥ 2 pairs, else the arm's own SD."""
+def _code_version(run_dir: Any) -> tuple[str, bool] | None:
+    """(commit, trained with local changes) from a run dir's train_summary.json; None when not recorded."""
+    if pd.isna(run_dir):
+        return None
+    try:
+        version = json.loads((Path(str(run_dir)) / SUMMARY_FILE).read_text(encoding="utf-8")).get("code_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(version, dict) or not isinstance(version.get("commit"), str) or not version["commit"]:
+        return None
+    return version["commit"], version.get("dirty") is True
+
+
+def code_note(df: pd.DataFrame) -> str:
+    """The footnote naming the commits that trained the cells of `df` (train_summary.json's code_version): a
+    table compares arms fairly only when they ran the same code."""
+    dirty: dict[str, bool] = {}
+    unrecorded = 0
+    for run_dir in df.dropna(subset=["cell_id"]).drop_duplicates("cell_id")["run_dir"]:
+        version = _code_version(run_dir)
+        if version is None:
+            unrecorded += 1
+        else:
+            dirty[version[0]] = dirty.get(version[0], False) or version[1]
+    if not dirty:
+        return "Code version: not recorded."
+    named = [commit[:12] + (" (with local changes)" if dirty[commit] else "") for commit in sorted(dirty)]
+    if len(named) == 1 and not unrecorded:
+        return f"Code: every cell trained at commit {named[0]}."
+    plural = "s" if len(named) > 1 else ""
+    rest = f", and {unrecorded} cell{'s' if unrecorded > 1 else ''} with no recorded version" if unrecorded else ""
+    return f"Code: cells from {len(named)} commit{plural}: {', '.join(named)}{rest}; a table should come from one."
+
+
+def _table_draws(sub: pd.DataFrame, val_draws: ImageDraws | None) -> tuple[ImageDraws | None, str]:
+    """The val-image draws a table uses: those of its cells (with a mask AP) when every one has them, so that one
+    method covers all its arms; else None and the note saying the table covers seeds only, and why."""
+    draws = image_draws(sub) if val_draws is None else val_draws
+    cells = sorted(set(sub.dropna(subset=["segm_AP"])["cell_id"].astype(str)))
+    missing = sum(cell not in draws for cell in cells)
+    if cells and not missing:
+        return draws, ""
+    if missing == len(cells):
+        return None, SEEDS_ONLY
+    return None, (f"Uncertainty covers seeds only: {missing} of {len(cells)} cells carry no per-image records "
+                  "(eval_images.npz), and one method covers all arms of a table.")  # fmt: skip
+
+
+def _n_draws(draws: ImageDraws) -> int:
+    return len(next(iter(draws.values())))
+
+
+def _val_note(draws: ImageDraws) -> str:
+    n_draws = _n_draws(draws)
+    return (
+        f"Uncertainty covers seeds and val images: SE² = s²/n + σ²_img, σ²_img = variance of the seed-averaged Δ over "
+        f"{n_draws} bootstrap redraws of the {draws.n_images} val images (the same draws for every cell); t with n−1 "
+        "df. Conservative: the seed×image part is counted in both terms. The mask AP CI adds σ²_img of the arm's "
+        "seed mean likewise; the other AP columns cover seeds only."
+    )
+
+
+def _codec_val_note(draws: ImageDraws) -> str:
+    return (
+        f"Uncertainty of the trained mask AP covers seeds and val images: SE² = s²/n + σ²_img, σ²_img = variance of "
+        f"the seed mean over {_n_draws(draws)} bootstrap redraws of the {draws.n_images} val images; box AP covers "
+        "seeds only."
+    )
+
+
+def _mde_numbers(paired: pd.Series, own: dict[str, float], own_var: float) -> dict[str, Any]:
+    """The MDE of mask AP: from the SD of the paired differences when there are ≥ 2 pairs, else the arm's own SD;
+    either widened by the val-image variance (of Δ, or of the arm's mean) to `stats.effective_sd` when known."""
     if paired["n_pairs"] >= 2 and not math.isnan(paired["sd_diff"]):
-        n, sd, basis = int(paired["n_pairs"]), float(paired["sd_diff"]), "paired"
+        n, basis = int(paired["n_pairs"]), "paired"
+        sd = effective_sd(n, float(paired["sd_diff"]), float(paired["sd_val"]) ** 2)
     else:
-        n, sd, basis = int(own["n"]), float(own["sd"]), "arm"
+        n, basis = int(own["n"]), "arm"
+        sd = effective_sd(n, float(own["sd"]), own_var)
     return {"mde_segm_AP": mde(n, sd), "mde_n": n, "mde_sd": sd, "mde_sd_basis": basis}
 
 
 def axis_table(
-    df: pd.DataFrame, axis: str, defaults: Mapping[str, str] | None = None, seed_rule: Mapping[str, Any] | None = None
+    df: pd.DataFrame,
+    axis: str,
+    defaults: Mapping[str, str] | None = None,
+    seed_rule: Mapping[str, Any] | None = None,
+    val_draws: ImageDraws | None = None,
 ) -> pd.DataFrame:
     """One ablation axis as a table of display strings: rows = arms (default first), columns as in the paper, then
-    the seed SD and the MDE of mask AP.
+    the seed SD, the val-image SD and the MDE of mask AP.
 
-    `defaults` maps axes to default arms (`stats.default_arm`); `seed_rule` is `istr ablate`'s seed_rule.json.
+    `defaults` maps axes to default arms (`stats.default_arm`); `seed_rule` is `istr ablate`'s seed_rule.json;
+    `val_draws`: the cells' mask AP on redraws of the val images (`val_noise.image_draws`; None: read from the
+    axis's run dirs), used for the mask AP CI, p and MDE when every cell of the axis has them.
     `table.attrs` carries `axis`, `default_arm`, `note` (how the default was chosen), `best` ({column: [row labels]}
     with the best mean, rendered bold by the writers), `footnotes` ({marker: text} for markers used), `notes` and
     `numbers` (one dict of plain numbers per row: what the CSV holds).
@@ -109,7 +213,9 @@ def axis_table(
     base, note = default_arm(df, axis, defaults)
     arms = arm_order(df, axis, defaults)
     labels = [a + DEFAULT_SUFFIX if a == base else a for a in arms]
-    paired = paired_vs_default(sub, "segm_AP", base).set_index("arm")
+    draws, seeds_only = _table_draws(sub, val_draws)
+    paired = paired_vs_default(sub, "segm_AP", base, draws).set_index("arm")
+    p_col = P_COL if draws is None else P_VAL_COL
 
     rows: dict[str, dict[str, str]] = {}
     means: dict[str, dict[str, float]] = {}
@@ -119,25 +225,28 @@ def axis_table(
         row: dict[str, str] = {}
         num: dict[str, Any] = {"arm": label, "is_default": arm == base}
         means[label] = {}
+        own_var = val_variance(seed_mean_draws(g, "segm_AP", draws))
         for metric, col in METRIC_COLUMNS.items():
-            m = describe(g[metric])
+            m = describe(g[metric], own_var if metric == "segm_AP" and not math.isnan(own_var) else 0.0)
             num.update({f"{metric}_{k}": v for k, v in m.items()})
             row[col], means[label][col] = _fmt_cell(m["mean"], m["ci95"], m["n"]), m["mean"]
         pr = paired.loc[arm]
         num.update({"delta_segm_AP": math.nan if arm == base else float(pr["delta"]), "n_pairs": int(pr["n_pairs"]),
-                    "sd_diff": float(pr["sd_diff"]), "p": float(pr["p"])})  # fmt: skip
+                    "sd_diff": float(pr["sd_diff"]), "sd_val": float(pr["sd_val"]), "se": float(pr["se"]),
+                    "p": float(pr["p"])})  # fmt: skip
         if arm == base:
-            row[DELTA_COL] = row[P_COL] = BASE
+            row[DELTA_COL] = row[p_col] = BASE
         else:
             row[DELTA_COL] = DASH + MISSING if pr["n_pairs"] == 0 else f"{pr['delta']:+.1f} (n={int(pr['n_pairs'])})"
             if pr["n_pairs"] == 0:
-                row[P_COL] = DASH + MISSING
+                row[p_col] = DASH + MISSING
             elif math.isnan(pr["p"]):
-                row[P_COL] = DASH + NO_TEST
+                row[p_col] = DASH + NO_TEST
             else:
-                row[P_COL] = _fmt_p(float(pr["p"]))
-        num.update(_mde_numbers(pr, describe(g["segm_AP"])))
+                row[p_col] = _fmt_p(float(pr["p"]))
+        num.update(_mde_numbers(pr, describe(g["segm_AP"]), own_var))
         row[SD_COL] = _fmt_num(num["segm_AP_sd"], 2, NO_TEST)
+        row[VAL_SD_COL] = _fmt_num(num["sd_val"], 2, MISSING if draws is not None else NO_VAL)
         row[MDE_COL] = _fmt_num(num["mde_segm_AP"], 1, NO_TEST)
         if num["mde_sd_basis"] == "arm" and not math.isnan(num["mde_segm_AP"]):
             row[MDE_COL] += ARM_SD
@@ -150,7 +259,7 @@ def axis_table(
         rows[label] = row
         numbers.append(num)
 
-    columns = [*METRIC_COLUMNS.values(), DELTA_COL, P_COL, SD_COL, MDE_COL, HOURS_COL, IPS_COL]
+    columns = [*METRIC_COLUMNS.values(), DELTA_COL, p_col, SD_COL, VAL_SD_COL, MDE_COL, HOURS_COL, IPS_COL]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     table.index.name = "arm"
     best = _best_labels(means, METRIC_COLUMNS.values())
@@ -161,7 +270,12 @@ def axis_table(
         "note": note,
         "best": best,
         "footnotes": {m: t for m, t in FOOTNOTES.items() if m in used},
-        "notes": [*AXIS_NOTES, seed_note(seed_rule, axis)],
+        "notes": [
+            *AXIS_NOTES,
+            seeds_only if draws is None else _val_note(draws),
+            code_note(sub),
+            seed_note(seed_rule, axis),
+        ],
         "numbers": numbers,
     }
     return table
@@ -178,13 +292,17 @@ def _best_labels(means: dict[str, dict[str, float]], columns) -> dict[str, list[
 
 
 def codec_table(
-    df: pd.DataFrame, report: pd.DataFrame | None, defaults: Mapping[str, str] | None = None
+    df: pd.DataFrame,
+    report: pd.DataFrame | None,
+    defaults: Mapping[str, str] | None = None,
+    val_draws: ImageDraws | None = None,
 ) -> pd.DataFrame | None:
     """Each trained codec's reconstruction upper bound beside its trained mask AP (docs/method.md#ablations).
 
     Rows = the (type, dim) codecs of the embedding axes' trials, the preset's default codec first; columns =
     val reconstruction IoU and oracle mask AP from `istr codec-report` (`report`; "—" when absent), the
     train-set IoU the trial's codec reported, the trained mask/box AP over seeds, and trained ÷ oracle AP.
+    The mask AP CI adds the val-image variance of the seed mean when every trial has `val_draws` (as `axis_table`).
     None when no trial of a codec axis has codec columns. `table.attrs["numbers"]`: the rows as plain numbers.
     """
     trials = df[df["axis"].isin(CODEC_AXES)].dropna(subset=["codec_type", "codec_dim"])
@@ -193,6 +311,7 @@ def codec_table(
     axis = str(trials["axis"].iloc[0])
     default = trials[(trials["axis"] == axis) & (trials["arm"] == default_arm(trials, axis, defaults)[0])]
     sub = trials.drop_duplicates("cell_id")  # the default cell is a row of both codec axes
+    draws, seeds_only = _table_draws(sub, val_draws)
     default_key = (str(default["codec_type"].iloc[0]), int(default["codec_dim"].iloc[0])) if len(default) else None
     order = {t: i for i, t in enumerate(CODEC_ORDER)}
     keys = sorted({(str(t), int(d)) for t, d in zip(sub["codec_type"], sub["codec_dim"])},
@@ -212,7 +331,8 @@ def codec_table(
             "oracle mask AP": DASH + MISSING if math.isnan(oracle) else f"{oracle:.1f}",
             "recon IoU (train)": f"{train_iou.mean():.3f}" if len(train_iou) else DASH + MISSING,
         }
-        mask, box = describe(g["segm_AP"]), describe(g["bbox_AP"])
+        own_var = val_variance(seed_mean_draws(g, "segm_AP", draws))
+        mask, box = describe(g["segm_AP"], 0.0 if math.isnan(own_var) else own_var), describe(g["bbox_AP"])
         row["trained mask AP"] = _fmt_cell(mask["mean"], mask["ci95"], mask["n"])
         row["trained box AP"] = _fmt_cell(box["mean"], box["ci95"], box["n"])
         mask_ap, box_ap = mask["mean"], box["mean"]
@@ -237,7 +357,9 @@ def codec_table(
         "notes": [
             "recon IoU: mean mask IoU of decode(encode(m)) vs m on 28x28 box crops; oracle mask AP: COCOeval of "
             "GT boxes with codec-reconstructed GT masks (what a perfect regressor reaches with this codec).",
-            "trained: mean ± 95% CI half-width (t-distribution) over seeds; bold = best per column.",
+            "trained: mean ± 95% CI half-width (t-distribution, n−1 df); bold = best per column.",
+            seeds_only if draws is None else _codec_val_note(draws),
+            code_note(sub),
         ],
         "numbers": numbers,
     }
@@ -275,6 +397,12 @@ def _latex(text: str) -> str:
         .replace(MISSING, r"\textsuperscript{\dag}")
         .replace(NO_TEST, r"\textsuperscript{\ddag}")
         .replace(ARM_SD, r"\textsuperscript{\S}")
+        .replace(NO_VAL, r"\textsuperscript{\P}")
+        .replace("σ", r"$\sigma$")
+        .replace("²", r"\textsuperscript{2}")
+        .replace("√", r"$\surd$")
+        .replace("·", r"$\cdot$")
+        .replace("−", "-")
         .replace("α", r"$\alpha$")
         .replace("×", r"$\times$")
         .replace("<", r"$<$")
@@ -317,10 +445,12 @@ def write_tables(
     seed_rule: Mapping[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Write `<axis>.md/.tex/.csv` into `out` for every axis in `df` (+ `codec_upper_bound.*` when the
-    embedding axes have codec columns); returns {name: table}. `defaults`, `seed_rule`: as in `axis_table`."""
+    embedding axes have codec columns); returns {name: table}. `defaults`, `seed_rule`: as in `axis_table`.
+    The val-image draws of every cell are computed once, here (`val_noise.image_draws`)."""
     out.mkdir(parents=True, exist_ok=True)
-    tables = {axis: axis_table(df, axis, defaults, seed_rule) for axis in sorted(df["axis"].dropna().unique())}
-    codecs = codec_table(df, codec_report, defaults)
+    draws = image_draws(df)
+    tables = {axis: axis_table(df, axis, defaults, seed_rule, draws) for axis in sorted(df["axis"].dropna().unique())}
+    codecs = codec_table(df, codec_report, defaults, draws)
     if codecs is not None:
         tables["codec_upper_bound"] = codecs
     for name, table in tables.items():

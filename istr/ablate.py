@@ -8,6 +8,10 @@ axis is then run to that n, capped so the job fits H hours at the pilot's measur
 declared before the pilot (printed and written to ``<out>/seed_rule.json``) and never looks at a p-value: p-values
 are read once, at the end, to say which arms could not be separated.
 
+Every finished cell is kept in ``<out>/cells/`` (:mod:`istr.sweep.archive`, no weights), and the tables are built
+from there: commit ``<out>`` and the same command on a fresh clone trains no archived cell, and an axis whose
+cells are all archived runs no sweep at all, so the tables come back in seconds.
+
 A command (docs/architecture.md#layers): it may use the sweep harness, the analysis package and the
 reports, none of which import each other.
 """
@@ -34,6 +38,7 @@ from istr.io import atomic_write_json, claim_output_folder
 AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
 PILOT_SEEDS = 3
 RULE_FILE = "seed_rule.json"
+ARCHIVE_DIR = "cells"  # <out>/cells/<cell id>/: the cell archive
 
 
 @dataclass
@@ -126,18 +131,41 @@ def declare_rule(args: argparse.Namespace, axes: list[str]) -> dict[str, Any]:
 
 
 def _run_axes(
-    args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str]
+    args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str], archive: Path
 ) -> dict[str, dict]:
-    """Each axis' sweep; returns its cell counts (:func:`istr.sweep.records.status_counts`) by axis."""
-    from istr.sweep.runner import run_sweep
+    """Each axis' sweep, unless every cell is archived; returns its cell counts
+    (:func:`istr.sweep.records.status_counts`) by axis."""
+    from istr.sweep.archive import archived
+    from istr.sweep.runner import grid_cells, run_sweep
 
     counts = {}
     for axis, n in seeds.items():
-        counts[axis] = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
-                                 workers=args.workers, storage_url=args.storage, trial_timeout=args.trial_timeout,
-                                 root=Path(args.root))  # fmt: skip
+        cells = grid_cells(axis, str(preset), n, args.sets)
+        if all(archived(archive, cell_id) for cell_id in cells):
+            counts[axis] = {"study": studies[axis], "total": len(cells), "done": len(cells), "running": 0,
+                            "failed": 0, "stale": 0, "pending": 0, "running_cells": [], "archived": True}  # fmt: skip
+        else:
+            counts[axis] = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
+                                     workers=args.workers, storage_url=args.storage, archive=archive,
+                                     trial_timeout=args.trial_timeout, root=Path(args.root))  # fmt: skip
         print(json.dumps(counts[axis]))
     return counts
+
+
+def archived_results(
+    args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str], archive: Path
+) -> pd.DataFrame:
+    """The results frame of every axis' cells found in the archive (missing cells have no row)."""
+    from analysis.load import NoResultsError, normalize
+    from istr.sweep.records import archive_rows
+    from istr.sweep.runner import grid_cells
+
+    rows = [row for axis, n in seeds.items()
+            for row in archive_rows(studies[axis], axis, preset.stem, grid_cells(axis, str(preset), n, args.sets),
+                                    archive)]  # fmt: skip
+    if not rows:
+        raise NoResultsError(f"no finished cell of {', '.join(seeds)} in {archive}")
+    return normalize(pd.DataFrame(rows))
 
 
 def exit_if_any_unfinished(counts: Mapping[str, dict]) -> None:
@@ -159,18 +187,18 @@ def _study(args: argparse.Namespace, preset: Path, axis: str) -> str:
     return f"{axis}-{args.name or preset.stem}"
 
 
-def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -> tuple[dict[str, str], dict]:
+def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float, archive: Path
+                ) -> tuple[dict[str, str], dict[str, int], dict]:
     """Pilot, plan (written to the rule file before any further seed runs), then every axis to its planned n;
-    returns {axis: the study holding its final seeds} and {axis: that study's cell counts}.
+    returns {axis: the study holding its final seeds}, {axis: its final n} and {axis: that study's cell counts}.
 
     An axis run past the pilot is a new study `<pilot study>-n<N>` with seeds 0..N-1, so the pilot study stays as
     declared; the pilot's cells are found finished and reused (same cell ids), not retrained.
     """
-    from analysis.load import load_results
-
     studies = {axis: _study(args, preset, axis) for axis in axes}
-    counts = _run_axes(args, preset, {axis: PILOT_SEEDS for axis in axes}, studies)
-    df = load_results(Path(args.root), list(studies.values()))
+    seeds = {axis: PILOT_SEEDS for axis in axes}
+    counts = _run_axes(args, preset, seeds, studies, archive)
+    df = archived_results(args, preset, seeds, studies, archive)
     sds = {axis: pilot_sd(df, axis, default_arm(df, axis, defaults)[0]) for axis in axes}
     arms = {axis: int(df.loc[df["axis"] == axis, "arm"].nunique()) for axis in axes}
     cost = float(df.drop_duplicates("cell_id")["wall_s"].mean())
@@ -189,9 +217,21 @@ def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float) -
         fit = plan_seeds({axis: sds[axis]}, {axis: arms[axis]}, args.delta, PILOT_SEEDS, cost, left, args.workers)
         n = min(n, fit.target[axis])
         if n > PILOT_SEEDS:
-            studies[axis] = f"{studies[axis]}-n{n}"
-            counts.update(_run_axes(args, preset, {axis: n}, studies))
-    return studies, counts
+            studies[axis], seeds[axis] = f"{studies[axis]}-n{n}", n
+            counts.update(_run_axes(args, preset, {axis: n}, studies, archive))
+    return studies, seeds, counts
+
+
+def with_checkpoints(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The rows with each cell's run dir under ``root`` where it still holds its weights (the archive has none):
+    what the prediction overlays draw from."""
+    from istr.results import CHECKPOINT_FILE
+
+    def weights_dir(cell_id: str, run_dir: str) -> str:
+        found = sorted(root.glob(f"*/{cell_id}/{CHECKPOINT_FILE}"))
+        return found[0].parents[1].as_posix() if found else run_dir
+
+    return df.assign(run_dir=[weights_dir(c, r) for c, r in zip(df["cell_id"], df["run_dir"])])
 
 
 def _n_reached(df: pd.DataFrame, axis: str) -> int:
@@ -217,7 +257,7 @@ def print_separation(df: pd.DataFrame, axes: list[str], defaults: Mapping[str, s
 def ablate_command(args: argparse.Namespace) -> None:
     """The axis sweeps (fixed or ``--seeds auto`` seeds, module docstring), then the tables and figures."""
     from analysis import plots, tables
-    from analysis.load import load_codec_report, load_results
+    from analysis.load import load_codec_report
     from analysis.tables import CODEC_AXES
     from istr.reports.codec import codec_upper_bounds
     from istr.reports.overlays import write_overlays
@@ -231,24 +271,24 @@ def ablate_command(args: argparse.Namespace) -> None:
     preset = resolve_preset(args.preset or "tiny")
     axes = [a for a in args.axes.split(",") if a]
     defaults = axis_defaults(axes, preset, args.sets)
-    out, root = claim_output_folder(Path(args.out)), Path(args.root)
+    out = claim_output_folder(Path(args.out or f"results/{args.name or preset.stem}"))
+    archive, root = out / ARCHIVE_DIR, Path(args.root)
     rule = declare_rule(args, axes)
     rule_path = out / RULE_FILE
     atomic_write_json(rule_path, rule)
     print(f"seed rule (declared before the run, {rule_path}): {rule['rule']}")
     if args.seeds == "auto":
-        by_axis, counts = _auto_seeds(args, preset, axes, defaults, rule, rule_path, started)
+        by_axis, seeds, counts = _auto_seeds(args, preset, axes, defaults, rule, rule_path, started, archive)
     else:
-        by_axis = {axis: _study(args, preset, axis) for axis in axes}
-        counts = _run_axes(args, preset, {axis: args.seeds for axis in axes}, by_axis)
-    studies = list(by_axis.values())
-    df = load_results(root, studies)
+        by_axis, seeds = {axis: _study(args, preset, axis) for axis in axes}, {axis: args.seeds for axis in axes}
+        counts = _run_axes(args, preset, seeds, by_axis, archive)
+    df = archived_results(args, preset, seeds, by_axis, archive)
     rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
     atomic_write_json(rule_path, rule)
     report = load_codec_report(codec_upper_bounds(load_config(preset, args.sets), df, CODEC_AXES, out))
     print(tables.format_tables(tables.write_tables(df, out, report, defaults, rule)))
     plots.write_figures(df, out / "figures", report, defaults=defaults)
-    write_overlays(df, out / "figures", defaults=defaults)
+    write_overlays(with_checkpoints(df, root), out / "figures", defaults=defaults)
     print_separation(df, axes, defaults)
     print(f"results: tables in {out}/ (*.md, *.tex, *.csv), figures in {out / 'figures'}/, seed rule in {rule_path}")
     exit_if_any_unfinished(counts)
@@ -281,5 +321,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=1.0, help="mask AP difference --seeds auto sizes n to detect")
     p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
     p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")
-    p.add_argument("--out", default="results", help="folder for the tables, figures and seed_rule.json")
+    p.add_argument("--out", default=None,
+                   help="folder for the cell archive (cells/), the tables, figures and seed_rule.json "
+                   "(default: results/<--name or the preset's name>)")  # fmt: skip
     p.set_defaults(func=ablate_command)

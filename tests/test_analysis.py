@@ -277,7 +277,7 @@ def test_sd_and_mde_columns(emb: pd.DataFrame) -> None:
     assert t.loc["dct", "MDE"] == f"{mde(3, (a - b).std(ddof=1)):.1f}"  # paired: SD of the differences
     assert t.loc["pca (default)", "MDE"] == f"{mde(3, b.std(ddof=1)):.1f}§"  # no pairs: its own seed SD
     md = to_markdown(t)
-    assert "| seed SD | MDE |" in md and "§ MDE from the arm's own seed SD" in md
+    assert "| seed SD | val SD | MDE |" in md and "§ MDE from the arm's own seed SD" in md
     assert "power 0.8" in md and "no seed rule recorded" in md
     assert r"\S" in to_latex(t)
 

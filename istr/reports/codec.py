@@ -282,10 +282,17 @@ def codec_upper_bounds(cfg: Config, results: pd.DataFrame, codec_axes: Iterable[
 
     The reconstruction upper bound of the paper's mask-embedding table (docs/method.md#ablations); None
     when no row holds a codec arm. Codecs come from the fit cache the trials filled, so this only evaluates.
+    A report already in ``out`` that holds every pair is kept: an experiment rebuilt from its cell archive
+    needs neither the data nor the codecs.
     """
     codecs = results[results["axis"].isin(list(codec_axes))].dropna(subset=["codec_type", "codec_dim"])
     pairs = sorted({(str(t), int(d)) for t, d in zip(codecs["codec_type"], codecs["codec_dim"])})
     if not pairs:
         return None
+    path = out / "codec_report.csv"
+    if path.is_file():
+        kept = pd.read_csv(path)
+        if set(pairs) <= {(str(t), int(d)) for t, d in zip(kept["type"], kept["dim"])}:
+            return path
     codec_report_pairs(cfg, pairs, out)
-    return out / "codec_report.csv"
+    return path

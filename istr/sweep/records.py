@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from istr.results import (
     TRIAL_RECORD,
     flat_metrics,
 )
+from istr.sweep.archive import archived
 from istr.sweep.storage import open_storage, stale_trials, study_dir, utc_now
 
 # the columns that come from the run dir; stored as flat user attrs of the trial that completed the cell
@@ -66,6 +68,18 @@ def run_columns(run_dir: Path) -> dict[str, Any]:
                attempts=summary.get("attempts", record.get("attempts")), codec_type=codec.get("type"),
                codec_dim=codec.get("dim"), codec_iou=codec.get("mask_iou"))
     return out
+
+
+def archive_rows(study: str, axis: str, preset: str, cells: Mapping[str, Any], archive: Path) -> list[dict[str, Any]]:
+    """One results row per archived cell of ``cells`` ({cell id: Cell}), in their order; the others have none."""
+    rows = []
+    for cell_id, cell in cells.items():
+        record = archived(archive, cell_id)
+        if record is not None:
+            rows.append({"study": study, "axis": axis, "arm": cell.arm, "cell_id": cell_id, "seed": cell.seed,
+                         "preset": preset, "status": "complete", "run_dir": record.as_posix(),
+                         **run_columns(record)})  # fmt: skip
+    return rows
 
 
 def cell_row(study: str, trial: FrozenTrial) -> dict[str, Any]:

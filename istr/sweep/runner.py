@@ -212,6 +212,16 @@ def needs_training(plan: SweepPlan, cells: dict[str, Cell] | None) -> bool:
     return cells is None or any(find_done(Path(plan.root), plan.study, cell_id, archive) is None for cell_id in cells)
 
 
+def grid_cells(spec_path: str | Path, preset: str | None = None, seeds: int | None = None,
+               sets: list[str] | tuple[str, ...] = ()) -> dict[str, Cell]:
+    """A grid spec's cells by id, as :func:`run_sweep` would queue them (each config resolved and checked)."""
+    spec, plan = build_plan(spec_path, preset, seeds, sets)
+    cells = plan_cells(spec, plan)
+    if cells is None:
+        raise SpecError(f"{spec.path}: a {spec.method} spec has no grid cells")
+    return cells
+
+
 def prepare_shared(plan: SweepPlan) -> None:
     """The base config's generated dataset and ``auto`` backbone, made once here: parallel trials would race."""
     cfg = load_config(plan.preset, plan.base_overrides())
