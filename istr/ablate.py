@@ -267,6 +267,8 @@ def ablate_command(args: argparse.Namespace) -> None:
         raise ConfigError("--seeds auto needs --budget-hours H, and --budget-hours only applies to --seeds auto")
     if args.seeds == "auto" and not (args.delta > 0 and args.budget_hours > 0):
         raise ConfigError(f"--delta and --budget-hours must be > 0 (got {args.delta}, {args.budget_hours})")
+    if args.tables_only and not isinstance(args.seeds, int):
+        raise ConfigError("--tables-only needs the fixed --seeds N the cells were run with")
     started = time.monotonic()
     preset = resolve_preset(args.preset or "tiny")
     axes = [a for a in args.axes.split(",") if a]
@@ -277,11 +279,13 @@ def ablate_command(args: argparse.Namespace) -> None:
     rule_path = out / RULE_FILE
     atomic_write_json(rule_path, rule)
     print(f"seed rule (declared before the run, {rule_path}): {rule['rule']}")
+    counts: dict[str, dict] = {}
     if args.seeds == "auto":
         by_axis, seeds, counts = _auto_seeds(args, preset, axes, defaults, rule, rule_path, started, archive)
     else:
         by_axis, seeds = {axis: _study(args, preset, axis) for axis in axes}, {axis: args.seeds for axis in axes}
-        counts = _run_axes(args, preset, seeds, by_axis, archive)
+        if not args.tables_only:
+            counts = _run_axes(args, preset, seeds, by_axis, archive)
     df = archived_results(args, preset, seeds, by_axis, archive)
     rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
     atomic_write_json(rule_path, rule)
@@ -321,6 +325,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=1.0, help="mask AP difference --seeds auto sizes n to detect")
     p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
     p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="train nothing: the tables and figures from the cells archived in <out>/cells/ so far")
     p.add_argument("--out", default=None,
                    help="folder for the cell archive (cells/), the tables, figures and seed_rule.json "
                    "(default: results/<--name or the preset's name>)")  # fmt: skip
