@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -11,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from istr.axes import preset_arm
 from istr.io import claim_output_folder
-from istr.results import COLUMNS, NUMERIC, arm_name
+from istr.results import COLUMNS, NUMERIC
+from istr.spec_file import read_spec_file
 
 STRING = [c for c in COLUMNS if c not in NUMERIC and c != "seed"]
 
@@ -85,40 +85,27 @@ def load_codec_report(path: Path | None) -> pd.DataFrame | None:
     return pd.read_csv(path)
 
 
-def _spec_preset(spec: Path, raw: dict[str, Any]) -> str:
-    command = [str(c) for c in raw.get("command") or []]
-    if "--config" not in command or command.index("--config") + 1 >= len(command):
-        raise ValueError(f"{spec}: its command has no '--config PRESET' (the base preset)")
-    return command[command.index("--config") + 1]
-
-
 def read_axes(
     sweeps: Path, preset: Path | None = None, sets: Sequence[str] = ()
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """({axis: swept config keys}, {axis: default arm}) of every `<sweeps>/<axis>.yaml` with a `parameters` map.
+    """({axis: swept config keys}, {axis: default arm}) of every `<sweeps>/<axis>.yaml`.
 
-    axis = the file stem, keys = its non-seed parameters (as the sweep harness reads a spec). The default arm is the
-    base preset's own value of those keys, read with `istr.config.load_config(preset, sets)`: `preset`, else the
-    spec's `--config` argument (relative to the cwd, then to the folder above `sweeps`), named by `arm_name`.
+    Each spec is read by `istr.spec_file.read_spec_file`, the sweep harness's own reader (axis = the file stem,
+    keys = its non-seed parameters; a bad spec is a ValueError naming the file). The default arm is the base
+    preset's own value of those keys, read with `istr.config.load_config(preset, sets)`: `preset`, else the spec's
+    `--config` argument (relative to the cwd, then to the folder above `sweeps`), named by `istr.axes.preset_arm`.
     """
     from istr.config import load_config
 
     keys: dict[str, list[str]] = {}
     defaults: dict[str, str] = {}
-    for spec in sorted(Path(sweeps).glob("*.yaml")):
-        try:
-            raw = yaml.safe_load(spec.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"{spec}: not valid YAML ({err})") from err
-        if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict):
-            raise ValueError(f"{spec}: a sweep spec needs a 'parameters' mapping")
-        axis_keys = [k for k in raw["parameters"] if k != "seed"]
-        keys[spec.stem] = axis_keys
-        base = Path(preset) if preset else Path(_spec_preset(spec, raw))
+    for path in sorted(Path(sweeps).glob("*.yaml")):
+        spec = read_spec_file(path)
+        keys[spec.axis] = spec.axis_keys()
+        base = Path(preset) if preset else Path(spec.preset)
         if not base.is_file() and not base.is_absolute():
             base = Path(sweeps).resolve().parent / base
-        cfg = load_config(base, list(sets))
-        defaults[spec.stem] = arm_name({k: functools.reduce(getattr, k.split("."), cfg) for k in axis_keys})
+        defaults[spec.axis] = preset_arm(load_config(base, list(sets)), keys[spec.axis])
     return keys, defaults
 
 

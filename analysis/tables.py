@@ -31,11 +31,14 @@ from analysis.stats import (
     describe,
     effective_sd,
     mde,
+    needed_n,
     paired_vs_default,
     seed_mean_draws,
     val_variance,
 )
 from analysis.val_noise import ImageDraws, image_draws
+from istr.axes import CODEC_AXES  # the axes whose arms are (codec type, dim) pairs
+from istr.io import atomic_write_text
 from istr.results import SUMMARY_FILE
 
 METRIC_COLUMNS: dict[str, str] = {
@@ -80,7 +83,6 @@ AXIS_NOTES = [
 ]
 SEEDS_ONLY = "Uncertainty covers seeds only: these results carry no per-image records."
 NO_SEED_RULE = "Seeds: no seed rule recorded with these results (istr ablate writes seed_rule.json); n as shown."
-CODEC_AXES = ("embedding", "embedding_dim")  # the axes whose arms are (codec type, dim) pairs
 CODEC_ORDER = ("pca", "dct", "sparse", "ae")
 
 
@@ -198,13 +200,15 @@ def axis_table(
     defaults: Mapping[str, str] | None = None,
     seed_rule: Mapping[str, Any] | None = None,
     val_draws: ImageDraws | None = None,
+    mde_target: float | None = None,
 ) -> pd.DataFrame:
     """One ablation axis as a table of display strings: rows = arms (default first), columns as in the paper, then
     the seed SD, the val-image SD and the MDE of mask AP.
 
     `defaults` maps axes to default arms (`stats.default_arm`); `seed_rule` is `istr ablate`'s seed_rule.json;
     `val_draws`: the cells' mask AP on redraws of the val images (`val_noise.image_draws`; None: read from the
-    axis's run dirs), used for the mask AP CI, p and MDE when every cell of the axis has them.
+    axis's run dirs), used for the mask AP CI, p and MDE when every cell of the axis has them. `mde_target`: the
+    MDE every arm should reach; a note names the arms above it and the seeds they would need.
     `table.attrs` carries `axis`, `default_arm`, `note` (how the default was chosen), `best` ({column: [row labels]}
     with the best mean, rendered bold by the writers), `footnotes` ({marker: text} for markers used), `notes` and
     `numbers` (one dict of plain numbers per row: what the CSV holds).
@@ -275,10 +279,23 @@ def axis_table(
             seeds_only if draws is None else _val_note(draws),
             code_note(sub),
             seed_note(seed_rule, axis),
+            *([mde_target_note(numbers, mde_target)] if mde_target else []),
         ],
         "numbers": numbers,
     }
     return table
+
+
+def mde_target_note(numbers: list[dict[str, Any]], target: float) -> str:
+    """Whether every arm's MDE reaches `target` AP; if not, which arms miss it, and the n of pairs that would
+    reach it at the SD each arm measured (`stats.needed_n`)."""
+    missed = [(num["arm"], num["mde_segm_AP"], needed_n(target, num["mde_sd"])) for num in numbers
+              if math.isfinite(num["mde_segm_AP"]) and num["mde_segm_AP"] > target]  # fmt: skip
+    if not missed:
+        return f"MDE target {target:g} AP: every arm with an MDE reaches it."
+    arms = "; ".join(f"{arm} {size:.1f} AP (about {n} seeds would reach it)" for arm, size, n in missed)
+    return (f"MDE target {target:g} AP, not reached at this n: {arms}. At these seed and val-image SDs, "
+            "the seeds the budget allowed can only separate larger differences.")
 
 
 def _best_labels(means: dict[str, dict[str, float]], columns) -> dict[str, list[str]]:
@@ -432,9 +449,10 @@ def to_csv(table: pd.DataFrame) -> str:
 
 
 def _write(table: pd.DataFrame, out: Path, name: str) -> None:
-    (out / f"{name}.md").write_text(to_markdown(table), encoding="utf-8")
-    (out / f"{name}.tex").write_text(to_latex(table), encoding="utf-8")
-    (out / f"{name}.csv").write_text(to_csv(table), encoding="utf-8")
+    """The table as .md, .tex and .csv, each written atomically: an interrupted run leaves no half table."""
+    atomic_write_text(out / f"{name}.md", to_markdown(table))
+    atomic_write_text(out / f"{name}.tex", to_latex(table))
+    atomic_write_text(out / f"{name}.csv", to_csv(table))
 
 
 def write_tables(
@@ -443,13 +461,16 @@ def write_tables(
     codec_report: pd.DataFrame | None = None,
     defaults: Mapping[str, str] | None = None,
     seed_rule: Mapping[str, Any] | None = None,
+    mde_target: float | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Write `<axis>.md/.tex/.csv` into `out` for every axis in `df` (+ `codec_upper_bound.*` when the
-    embedding axes have codec columns); returns {name: table}. `defaults`, `seed_rule`: as in `axis_table`.
+    embedding axes have codec columns); returns {name: table}. `defaults`, `seed_rule`, `mde_target`: as in
+    `axis_table`.
     The val-image draws of every cell are computed once, here (`val_noise.image_draws`)."""
     out.mkdir(parents=True, exist_ok=True)
     draws = image_draws(df)
-    tables = {axis: axis_table(df, axis, defaults, seed_rule, draws) for axis in sorted(df["axis"].dropna().unique())}
+    tables = {axis: axis_table(df, axis, defaults, seed_rule, draws, mde_target)
+              for axis in sorted(df["axis"].dropna().unique())}  # fmt: skip
     codecs = codec_table(df, codec_report, defaults, draws)
     if codecs is not None:
         tables["codec_upper_bound"] = codecs

@@ -19,7 +19,6 @@ reports, none of which import each other.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -32,10 +31,11 @@ from typing import Any
 import pandas as pd
 
 from analysis.stats import ALPHA, POWER, default_arm, mde, needed_n, paired_vs_default
+from istr.axes import AXIS_NAMES, preset_arm
 from istr.config import ConfigError, load_config
 from istr.io import atomic_write_json, claim_output_folder
 
-AXES = ("embedding", "embedding_dim", "mask_cost", "loss", "attention")
+AXES = AXIS_NAMES  # the paper's axes, in its order: one list, istr/axes.py
 PILOT_SEEDS = 3
 RULE_FILE = "seed_rule.json"
 ARCHIVE_DIR = "cells"  # <out>/cells/<cell id>/: the cell archive
@@ -102,15 +102,12 @@ def pilot_sd(df: pd.DataFrame, axis: str, base: str) -> float:
 
 
 def axis_defaults(axes: list[str], preset: Path, sets: list[str]) -> dict[str, str]:
-    """{axis: default arm}: the preset's own value of each spec's axis keys, named as the harness names arms."""
-    from istr.results import arm_name
+    """{axis: default arm}: the preset's own value of each spec's axis keys, named as the harness names arms
+    (:func:`istr.axes.preset_arm`, as the analysis names them)."""
     from istr.sweep.spec import load_spec
 
     cfg = load_config(preset, sets)
-    return {
-        axis: arm_name({k: functools.reduce(getattr, k.split("."), cfg) for k in load_spec(axis).axis_keys()})
-        for axis in axes
-    }
+    return {axis: preset_arm(cfg, load_spec(axis).axis_keys()) for axis in axes}
 
 
 def declare_rule(args: argparse.Namespace, axes: list[str]) -> dict[str, Any]:
@@ -154,18 +151,21 @@ def _run_axes(
 
 def archived_results(
     args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str], archive: Path
-) -> pd.DataFrame:
-    """The results frame of every axis' cells found in the archive (missing cells have no row)."""
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The results frame of every axis' cells found in the archive (missing cells have no row), and each axis'
+    arms as its grid has them (an arm with no finished cell yet has none in the frame)."""
     from analysis.load import NoResultsError, normalize
     from istr.sweep.records import archive_rows
     from istr.sweep.runner import grid_cells
 
-    rows = [row for axis, n in seeds.items()
-            for row in archive_rows(studies[axis], axis, preset.stem, grid_cells(axis, str(preset), n, args.sets),
-                                    archive)]  # fmt: skip
+    rows, arms = [], {}
+    for axis, n in seeds.items():
+        cells = grid_cells(axis, str(preset), n, args.sets)
+        arms[axis] = list(dict.fromkeys(cell.arm for cell in cells.values()))
+        rows += archive_rows(studies[axis], axis, preset.stem, cells, archive)
     if not rows:
         raise NoResultsError(f"no finished cell of {', '.join(seeds)} in {archive}")
-    return normalize(pd.DataFrame(rows))
+    return normalize(pd.DataFrame(rows)), arms
 
 
 def exit_if_any_unfinished(counts: Mapping[str, dict]) -> None:
@@ -198,7 +198,7 @@ def _auto_seeds(args, preset, axes, defaults, rule, rule_path, started: float, a
     studies = {axis: _study(args, preset, axis) for axis in axes}
     seeds = {axis: PILOT_SEEDS for axis in axes}
     counts = _run_axes(args, preset, seeds, studies, archive)
-    df = archived_results(args, preset, seeds, studies, archive)
+    df, _ = archived_results(args, preset, seeds, studies, archive)
     sds = {axis: pilot_sd(df, axis, default_arm(df, axis, defaults)[0]) for axis in axes}
     arms = {axis: int(df.loc[df["axis"] == axis, "arm"].nunique()) for axis in axes}
     cost = float(df.drop_duplicates("cell_id")["wall_s"].mean())
@@ -234,11 +234,11 @@ def with_checkpoints(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     return df.assign(run_dir=[weights_dir(c, r) for c, r in zip(df["cell_id"], df["run_dir"])])
 
 
-def _n_reached(df: pd.DataFrame, axis: str) -> int:
-    """The fewest seeds with a defined segm AP over the axis's arms."""
+def n_reached(df: pd.DataFrame, axis: str, arms: list[str]) -> int:
+    """The fewest seeds with a defined segm AP over the axis's arms (0 while an arm has none)."""
     sub = df[df["axis"] == axis]
     seeds = sub.dropna(subset=["segm_AP"]).groupby("arm")["seed"].nunique()
-    return int(seeds.reindex(sub["arm"].unique()).fillna(0).min())
+    return int(seeds.reindex(arms).fillna(0).min())
 
 
 def print_separation(df: pd.DataFrame, axes: list[str], defaults: Mapping[str, str]) -> None:
@@ -286,11 +286,11 @@ def ablate_command(args: argparse.Namespace) -> None:
         by_axis, seeds = {axis: _study(args, preset, axis) for axis in axes}, {axis: args.seeds for axis in axes}
         if not args.tables_only:
             counts = _run_axes(args, preset, seeds, by_axis, archive)
-    df = archived_results(args, preset, seeds, by_axis, archive)
-    rule["n_reached"] = {axis: _n_reached(df, axis) for axis in axes}
+    df, arms = archived_results(args, preset, seeds, by_axis, archive)
+    rule["n_reached"] = {axis: n_reached(df, axis, arms[axis]) for axis in axes}
     atomic_write_json(rule_path, rule)
     report = load_codec_report(codec_upper_bounds(load_config(preset, args.sets), df, CODEC_AXES, out))
-    print(tables.format_tables(tables.write_tables(df, out, report, defaults, rule)))
+    print(tables.format_tables(tables.write_tables(df, out, report, defaults, rule, args.delta)))
     plots.write_figures(df, out / "figures", report, defaults=defaults)
     write_overlays(with_checkpoints(df, root), out / "figures", defaults=defaults)
     print_separation(df, axes, defaults)
@@ -315,15 +315,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from istr.sweep.cli import add_common_arguments
 
     p = sub.add_parser("ablate", conflict_handler="resolve",
-                       help="the ablation sweeps (embedding, embedding_dim, mask_cost, loss, attention) as one job, "
-                       "then the tables and figures")  # fmt: skip
+                       help=f"the ablation sweeps ({', '.join(AXES)}) as one job, then the tables and figures")
     add_common_arguments(p)
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="seeds per arm: N (0..N-1) or 'auto' (a pilot of 3, then the n that detects --delta; "
                    "needs --budget-hours). Default: each spec's seed grid")  # fmt: skip
     p.add_argument("--budget-hours", type=float, default=None, help="wall-time budget of --seeds auto")
-    p.add_argument("--delta", type=float, default=1.0, help="mask AP difference --seeds auto sizes n to detect")
-    p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of the axes")
+    p.add_argument("--delta", type=float, default=1.0,
+                   help="mask AP difference --seeds auto sizes n to detect; the tables hold every arm's MDE to it")
+    p.add_argument("--axes", default=",".join(AXES),
+                   help=f"comma-separated subset of the axes (default: all, {','.join(AXES)})")  # fmt: skip
     p.add_argument("--name", default=None, help="study name suffix (default: the preset name)")
     p.add_argument("--tables-only", action="store_true",
                    help="train nothing: the tables and figures from the cells archived in <out>/cells/ so far")

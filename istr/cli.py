@@ -108,17 +108,19 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from istr.config import SynthConfig  # the generator's defaults, shared with data.synth
+
     parser = argparse.ArgumentParser(prog="istr", description="ISTR instance segmentation workbench")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate a COCO-format synthetic shapes dataset")
     p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=2000)
-    p.add_argument("--val", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--min-instances", type=int, default=1)
-    p.add_argument("--max-instances", type=int, default=8)
+    p.add_argument("--train", type=int, default=SynthConfig.num_train)
+    p.add_argument("--val", type=int, default=SynthConfig.num_val)
+    p.add_argument("--seed", type=int, default=SynthConfig.seed)
+    p.add_argument("--size", type=int, default=SynthConfig.image_size, help="image side in pixels")
+    p.add_argument("--min-instances", type=int, default=SynthConfig.min_instances)
+    p.add_argument("--max-instances", type=int, default=SynthConfig.max_instances)
     p.set_defaults(func=_synth)
 
     for name, func, helptext in (

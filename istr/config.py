@@ -1,4 +1,7 @@
-"""Typed configuration: the ONLY reader of YAML in the project (docs/architecture.md#layers).
+"""Typed configuration, and the only reader of config YAML: presets and run dirs' config.yaml.
+
+Sweep specs are YAML too but no configs: ``istr/sweep/spec.py`` and ``analysis/load.py`` read them
+(docs/architecture.md#layers).
 
 One schema of nested dataclasses whose defaults are the paper's values (docs/method.md#architecture, #training).
 Presets in ``experiments/`` override it, ``key.sub=value`` strings override the preset, and an
@@ -29,7 +32,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class SynthConfig:
-    """Generated shapes dataset, made under ``data.root`` when missing (``istr synth``)."""
+    """Generated shapes dataset, made under ``data.root`` when missing (``istr synth``).
+
+    The one home of the generator's defaults: ``istr synth`` and ``generate_synthetic_coco`` read them from here.
+    """
 
     enabled: bool = False
     num_train: int = 2000

@@ -36,6 +36,11 @@ COLUMNS = [
     "reused_from", "train_s", "trial", "attempts",
     "codec_type", "codec_dim", "codec_iou",  # the cell's mask codec and its train reconstruction IoU
 ]  # fmt: skip
+# The columns the sweep's storage gives a row (the cell, its trial, where it ran); every other column comes from
+# the run dir (:data:`RUN_COLUMNS`).
+CELL_COLUMNS = ("study", "axis", "arm", "cell_id", "seed", "preset", "status", "run_dir", "reused_from", "trial")
+# The run-dir columns, in COLUMNS order: a completed trial stores them as flat user attrs (istr/sweep/records.py).
+RUN_COLUMNS = [c for c in COLUMNS if c not in CELL_COLUMNS]
 NUMERIC = [*METRICS, "steps", "wall_s", "img_per_s", "train_s", "trial", "attempts", "codec_dim", "codec_iou"]
 
 

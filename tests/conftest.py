@@ -1,9 +1,16 @@
-"""Shared fixtures: a tiny generated dataset and a tiny config built in code (no copied YAML)."""
+"""Shared fixtures: a tiny generated dataset and a tiny config built in code (no copied YAML); and the helpers that
+more than one test module uses (random masks, targets and head outputs, a tiny model), so that no test module
+imports another."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,9 +18,12 @@ import torch
 
 from istr.config import Config, load_config
 from istr.data.synth import generate_synthetic_coco
+from istr.model import ISTR, build_model
+from istr.targets import BatchTargets, prepare_targets
 
 REPO = Path(__file__).resolve().parents[1]
-COCO_MINI = REPO.parent / "shared" / "data" / "coco_mini"
+NUM_CLASSES = 3  # of the made-up targets and head outputs below, and of make_model
+CODE_DIM = 16  # make_model's mask embedding: codec.dim of the tiny config
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -93,3 +103,99 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _pg_binary(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server (initdb + pg_ctl on a free loopback port), stopped at teardown."""
+    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install the 'postgresql' package")
+    base = Path(tempfile.mkdtemp(prefix="istr-pg-"))  # not under pytest's 0700 tmp: the server user reads it
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    opts = f"-k {base} -p {port} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # bare URL: SQLAlchemy picks psycopg 3
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- helpers shared by test modules
+
+
+def rect_masks(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
+    """Random filled rectangles: a training set any codec can fit in well under a second."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros((n, size, size))
+    for mask in masks:
+        x, y = torch.randint(0, size // 2, (2,), generator=gen).tolist()
+        w, h = torch.randint(4, size // 2 + 1, (2,), generator=gen).tolist()
+        mask[y : y + h, x : x + w] = 1
+    return masks
+
+
+def synthetic_targets(image_hw: tuple[int, int], seed: int, counts: list[int]) -> list[dict]:
+    """Data-loader targets: per instance a random box holding an inscribed filled ellipse."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    targets = []
+    for n in counts:
+        boxes, masks = [], []
+        for _ in range(n):
+            x1, y1 = (torch.rand(2, generator=gen) * torch.tensor([w / 2, h / 2])).tolist()
+            bw, bh = (torch.rand(2, generator=gen) * torch.tensor([w / 3, h / 3]) + 12).tolist()
+            cx, cy = x1 + bw / 2, y1 + bh / 2
+            masks.append((((xs - cx) / (bw / 2)) ** 2 + ((ys - cy) / (bh / 2)) ** 2 <= 1).to(torch.uint8))
+            boxes.append([x1, y1, x1 + bw, y1 + bh])
+        targets.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+                "labels": torch.randint(0, NUM_CLASSES, (n,), generator=gen),
+                "masks": torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
+            }
+        )
+    return targets
+
+
+def batch_targets(codec, counts: list[int], image_hw: tuple[int, int] = (64, 64), seed: int = 0) -> BatchTargets:
+    """:func:`synthetic_targets` of ``len(counts)`` images, prepared (``codec``-encoded) as the criterion takes them."""
+    sizes = torch.tensor([image_hw] * len(counts))
+    return prepare_targets(synthetic_targets(image_hw, seed, counts), sizes, codec, torch.device("cpu"))
+
+
+def random_stage(batch: int, k: int, dim: int, gen: torch.Generator) -> dict:
+    """One stage of head outputs: random logits, valid xyxy boxes inside a 64x64 image, random codes."""
+    xy = torch.rand((batch, k, 2), generator=gen) * 40
+    wh = torch.rand((batch, k, 2), generator=gen) * 20 + 4
+    return {
+        "logits": torch.randn((batch, k, NUM_CLASSES), generator=gen),
+        "boxes": torch.cat([xy, xy + wh], dim=-1),
+        "codes": torch.randn((batch, k, dim), generator=gen),
+    }
+
+
+def make_model(cfg, **model_overrides) -> ISTR:
+    """The model of ``cfg`` (with ``model.*`` overrides), seeded: NUM_CLASSES classes, CODE_DIM-long codes."""
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(cfg.model, **model_overrides), NUM_CLASSES, CODE_DIM)
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from istr.config import to_yaml
 from tests.conftest import REPO
 
@@ -17,8 +19,9 @@ def write_setup(tmp_path: Path, cfg_factory, values: list[str], *extra: str) -> 
     preset = tmp_path / "base.yaml"
     preset.write_text(to_yaml(cfg_factory("train.max_steps=2", "train.num_threads=1", *extra)))
     spec = tmp_path / "loss.yaml"
-    arms = ", ".join(f'"{v}"' for v in values)
-    spec.write_text((REPO / "sweeps" / "loss.yaml").read_text().replace('["l2+dice", l2, dice]', f"[{arms}]"))
+    raw = yaml.safe_load((REPO / "sweeps" / "loss.yaml").read_text())
+    raw["parameters"]["loss.mask"]["values"] = list(values)  # in place of the arms sweeps/loss.yaml lists
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     return preset, spec
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.load import COLUMNS, normalize, read_axes
+from analysis.load import COLUMNS, normalize
 from analysis.stats import mde_effect_size, needed_n
 from istr import ablate
 from istr.ablate import AXES, PILOT_SEEDS, axis_defaults, exit_if_any_unfinished, new_cells, pilot_sd, plan_seeds
@@ -60,9 +60,15 @@ def test_pilot_sd_is_the_largest_sd_of_paired_differences() -> None:
     assert math.isnan(pilot_sd(df[df["arm"] != "x"].query("seed == 0"), "loss", "base"))
 
 
-def test_default_arms_of_the_harness_match_the_analysis_reading() -> None:
-    harness = axis_defaults(list(AXES), REPO / "experiments" / "tiny.yaml", [])
-    assert harness == {axis: read_axes(REPO / "sweeps")[1][axis] for axis in AXES}
+def test_default_arms_are_the_presets_values_after_the_sets(tmp_path: Path) -> None:
+    """The default arm of each axis follows --preset and --set (what the tables mark as "(default)")."""
+    assert axis_defaults(list(AXES), REPO / "experiments" / "tiny.yaml", []) == {
+        "embedding": "pca", "embedding_dim": "60", "mask_cost": "cosine", "loss": "l2+dice",
+        "attention": "self+dynamic"}  # fmt: skip
+    preset = tmp_path / "base.yaml"
+    preset.write_text("codec:\n  dim: 16\nmodel:\n  attention: self\n")
+    assert axis_defaults(["embedding_dim", "attention", "loss"], preset, ["loss.mask=dice"]) == {
+        "embedding_dim": "16", "attention": "self", "loss": "dice"}  # fmt: skip
 
 
 def test_parser_and_seed_options() -> None:
@@ -164,3 +170,11 @@ def test_ablate_exits_like_sweep_when_an_axis_is_incomplete(capsys):
     with pytest.raises(SystemExit) as elsewhere:
         exit_if_any_unfinished({"loss": _counts(5, 6, running=1)})
     assert elsewhere.value.code == 3
+
+
+def test_n_reached_counts_an_arm_with_no_finished_cell_as_zero() -> None:
+    rows = [{"axis": "loss", "arm": arm, "seed": seed, "segm_AP": 20.0, "status": "complete"}
+            for arm in ("l2+dice", "l2") for seed in range(3)]  # fmt: skip
+    df = normalize(pd.DataFrame(rows))
+    assert ablate.n_reached(df, "loss", ["l2+dice", "l2"]) == 3
+    assert ablate.n_reached(df, "loss", ["l2+dice", "l2", "dice"]) == 0  # dice has not run yet

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from analysis.load import COLUMNS, NoResultsError, load_results, normalize, read_axes
-from analysis.stats import default_arm, mde, paired_vs_default, summarize
+from analysis.stats import default_arm, mde, needed_n, paired_vs_default, summarize
 from analysis.tables import DASH, axis_table, main, to_csv, to_latex, to_markdown
 from istr.config import load_config
 from istr.results import METRICS
@@ -332,3 +332,14 @@ def test_cli_prints_sd_and_mde_and_reads_seed_rule(tmp_path: Path, capsys: pytes
     rule.write_text("[]")
     assert main(["--runs", str(runs), "--out", str(out), "--seed-rule", str(rule)]) == 2
     assert "seed_rule.json" in capsys.readouterr().err
+
+
+def test_mde_target_note_names_the_arms_above_it_and_the_seeds_they_need() -> None:
+    from analysis.tables import mde_target_note
+
+    numbers = [{"arm": "a (default)", "mde_segm_AP": 1.2, "mde_sd": 0.5},
+               {"arm": "b", "mde_segm_AP": 4.0, "mde_sd": 2.4}, {"arm": "c", "mde_segm_AP": math.nan, "mde_sd": 1.0}]
+    note = mde_target_note(numbers, 1.5)
+    assert "b 4.0 AP" in note and "a (default)" not in note and "c " not in note
+    assert f"about {needed_n(1.5, 2.4)} seeds" in note
+    assert "every arm" in mde_target_note(numbers[:1], 1.5)

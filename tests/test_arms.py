@@ -23,8 +23,7 @@ from istr.matcher import MASK_COSTS, HungarianMatcher
 from istr.model.head import ATTENTIONS
 from istr.registry import UnknownArmError
 
-from .test_losses import batch_targets, random_stage
-from .test_model import make_model, num_params
+from .conftest import batch_targets, make_model, num_params, random_stage, rect_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,21 +37,12 @@ ARMS = [
 CODEC_PARAMS = {"ae": {"epochs": 2}}
 
 
-def _masks(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
-    """Random filled rectangles: a training set any codec can fit in well under a second."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = torch.zeros((n, size, size))
-    for mask in masks:
-        x, y = torch.randint(0, size // 2, (2,), generator=gen).tolist()
-        w, h = torch.randint(4, size // 2 + 1, (2,), generator=gen).tolist()
-        mask[y : y + h, x : x + w] = 1
-    return masks
 
 
 @pytest.fixture(scope="module")
 def pca():
     codec = build_codec("pca", 8)
-    codec.fit(_masks(64))
+    codec.fit(rect_masks(64))
     return codec
 
 
@@ -60,8 +50,8 @@ def pca():
 def test_codec_arm_changes_the_reconstruction(pca, arm):
     torch.manual_seed(0)
     codec = build_codec(arm, 8, **CODEC_PARAMS.get(arm, {}))
-    codec.fit(_masks(64))
-    held_out = _masks(8, seed=1)
+    codec.fit(rect_masks(64))
+    held_out = rect_masks(8, seed=1)
     assert not torch.allclose(codec.decode(codec.encode(held_out)), pca.decode(pca.encode(held_out)), atol=1e-3)
 
 

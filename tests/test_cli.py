@@ -10,8 +10,6 @@ from PIL import Image
 from istr.cli import main
 from istr.config import to_yaml
 
-pytestmark = pytest.mark.slow
-
 
 def test_synth_writes_coco_dataset(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "d"), "--train", "3", "--val", "2", "--size", "64"]) == 0
@@ -26,6 +24,7 @@ def test_unknown_key_is_a_clear_error(tmp_path, capsys):
     assert "did you mean 'model.num_queries'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_eval_predict_quickstart(tiny_cfg, synth_root, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(to_yaml(tiny_cfg))

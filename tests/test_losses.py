@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -18,43 +19,15 @@ from istr.config import LossConfig
 from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, weighted_sum
 from istr.matcher import HungarianMatcher, build_matcher
 from istr.model import build_model
-from istr.targets import BatchTargets, prepare_targets
+from istr.targets import BatchTargets
+
+from .conftest import NUM_CLASSES, REPO, batch_targets, random_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 28
-NUM_CLASSES = 3
 BOX_TERMS = ("loss_cls", "loss_l1", "loss_giou")
 CONFIDENT = 20.0  # |logit|: sigmoid focal loss of a right, confident logit is ~1e-17
-
-
-def synthetic_targets(image_hw: tuple[int, int], seed: int, counts: list[int]) -> list[dict]:
-    """Data-loader targets: per instance a random box holding an inscribed filled ellipse."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w = image_hw
-    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    targets = []
-    for n in counts:
-        boxes, masks = [], []
-        for _ in range(n):
-            x1, y1 = (torch.rand(2, generator=gen) * torch.tensor([w / 2, h / 2])).tolist()
-            bw, bh = (torch.rand(2, generator=gen) * torch.tensor([w / 3, h / 3]) + 12).tolist()
-            cx, cy = x1 + bw / 2, y1 + bh / 2
-            masks.append((((xs - cx) / (bw / 2)) ** 2 + ((ys - cy) / (bh / 2)) ** 2 <= 1).to(torch.uint8))
-            boxes.append([x1, y1, x1 + bw, y1 + bh])
-        targets.append(
-            {
-                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-                "labels": torch.randint(0, NUM_CLASSES, (n,), generator=gen),
-                "masks": torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
-            }
-        )
-    return targets
-
-
-def batch_targets(codec, counts: list[int], image_hw: tuple[int, int] = (64, 64), seed: int = 0) -> BatchTargets:
-    sizes = torch.tensor([image_hw] * len(counts))
-    return prepare_targets(synthetic_targets(image_hw, seed, counts), sizes, codec, torch.device("cpu"))
 
 
 def planted_outputs(target: BatchTargets, k: int, dim: int, seed: int = 0) -> dict:
@@ -120,16 +93,6 @@ def test_unknown_mask_loss_lists_valid_names(dct):
         criterion_for(dct, "focal")
 
 
-def random_stage(batch: int, k: int, dim: int, gen: torch.Generator) -> dict:
-    xy = torch.rand((batch, k, 2), generator=gen) * 40
-    wh = torch.rand((batch, k, 2), generator=gen) * 20 + 4
-    return {
-        "logits": torch.randn((batch, k, NUM_CLASSES), generator=gen),
-        "boxes": torch.cat([xy, xy + wh], dim=-1),
-        "codes": torch.randn((batch, k, dim), generator=gen),
-    }
-
-
 @pytest.mark.parametrize("mask_loss", list(MASK_LOSSES))
 def test_deep_supervision_keys_per_mask_arm(mask_loss, dct):
     gen = torch.Generator().manual_seed(4)
@@ -154,14 +117,16 @@ def test_deep_supervision_keys_per_mask_arm(mask_loss, dct):
     assert set(final_only) == set(terms)
 
 
-def test_loss_weights_default_to_the_paper():
-    assert loss_weights(LossConfig()) == {
-        "loss_cls": 2.0,
-        "loss_l1": 5.0,
-        "loss_giou": 2.0,
-        "loss_mask_l2": 2.0,
-        "loss_mask_dice": 2.0,
-    }
+def test_default_weights_are_the_ones_docs_method_states_for_every_term():
+    """docs/method.md#loss states ``λ = (cls, L1, giou, mask)``: the defaults weigh each term, box and mask terms of
+    every mask-loss arm, by exactly those numbers."""
+    text = (REPO / "docs" / "method.md").read_text()
+    stated = re.search(r"`L = λ_cls L_focal \+ λ_L1 L_L1 \+ λ_giou L_giou \+ λ_mask L_mask`, `λ = \(([^)]*)\)`", text)
+    assert stated, "docs/method.md#loss no longer states the weights as `λ = (cls, L1, giou, mask)`"
+    cls, l1, giou, mask = (float(v) for v in stated.group(1).split(","))
+    mask_terms = {term for terms in MASK_LOSSES.values() for term in terms}
+    assert loss_weights(LossConfig()) == {"loss_cls": cls, "loss_l1": l1, "loss_giou": giou,
+                                          **dict.fromkeys(mask_terms, mask)}
 
 
 def test_weighted_sum_applies_weights_by_name_and_stage_suffix():

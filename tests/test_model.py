@@ -7,7 +7,6 @@ Uses the tiny config of conftest.py: resnet18, hidden_dim d = 32, dynamic_dim 8,
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -15,20 +14,15 @@ import torch
 from torchvision.models import resnet18
 from torchvision.ops import FrozenBatchNorm2d
 
-from istr.model import ISTR, build_model
+from istr.model import ISTR
 from istr.model.backbone import BackboneFPN
 from istr.model.head import ATTENTIONS, DynamicConv, StaticConv, apply_deltas
 
+from .conftest import CODE_DIM, NUM_CLASSES, make_model, num_params
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NUM_CLASSES = 3
-CODE_DIM = 16
 IMAGE_SIZES = torch.tensor([[64, 64], [48, 64]])  # (h, w); image 1 is padded at the bottom
-
-
-def make_model(cfg, **model_overrides) -> ISTR:
-    torch.manual_seed(0)
-    return build_model(dataclasses.replace(cfg.model, **model_overrides), NUM_CLASSES, CODE_DIM)
 
 
 def run_images() -> torch.Tensor:
@@ -37,10 +31,6 @@ def run_images() -> torch.Tensor:
 
 def run(model: ISTR) -> dict:
     return model(run_images(), IMAGE_SIZES)
-
-
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def assert_stage_shapes(out: dict, k: int) -> None:

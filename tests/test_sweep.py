@@ -1,11 +1,12 @@
-"""Sweep harness end to end: real Optuna storages (journal file, PostgreSQL), real trainings.
-
-Every trial is a tiny 2-step training in a subprocess (a few seconds each on a CPU).
+"""Sweep harness: the specs in sweeps/ and the CLI (unit tests), and end to end (marked slow) with real Optuna
+storages (journal file, PostgreSQL) and real trainings, each trial a tiny 2-step training in a subprocess (a few
+seconds each on a CPU).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,11 +27,10 @@ from tests.sweep_helpers import cell_dirs, metrics_lines, read_rows, wandb_run, 
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
+AXES = {"embedding", "embedding_dim", "mask_cost", "loss", "attention"}  # the grid specs of the ablation tables
 
 
-def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
-    expected = {"embedding": 8, "embedding_dim": 8, "mask_cost": 8, "loss": 6, "attention": 6}
+def test_sweep_specs_are_wandb_configs_and_expand():
     default_id = cell_identity(load_config(REPO / "experiments" / "tiny.yaml", ["seed=0"]))
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         spec = load_spec(path)
@@ -45,16 +45,23 @@ def test_sweep_specs_are_wandb_configs_and_expand(tiny_cfg_factory):
             assert {"train.lr", "train.weight_decay", "loss.weight_mask"} <= set(spec.parameters)
             continue
         assert spec.method == "grid"
+        # the grid as the YAML writes it: one cell per combination of the listed values, seeds last
+        values = {key: p["values"] if "values" in p else [p["value"]] for key, p in raw["parameters"].items()}
+        arms = math.prod(len(v) for key, v in values.items() if key != "seed")
         cells = spec.cells()
-        assert len(cells) == expected[path.stem]
-        assert {c.seed for c in cells} == {0, 1}
-        assert len(spec.with_seeds(3).cells()) == expected[path.stem] // 2 * 3
-        # every arm is a valid config for the preset, and the default arm is one cell shared by all axes
-        ids = {cell_identity(load_config(REPO / "experiments" / "tiny.yaml", cell.overrides)) for cell in cells}
-        assert default_id in ids, path.stem
-    assert set(expected) <= {p.stem for p in (REPO / "sweeps").glob("*.yaml")}
+        assert len(cells) == arms * len(values["seed"]), path.stem
+        assert [c.seed for c in cells] == values["seed"] * arms
+        assert len({c.arm for c in cells}) == arms
+        assert len(spec.with_seeds(3).cells()) == arms * 3
+        # every arm is a valid config for the preset and a training of its own, and the default arm is one cell
+        # shared by all axes (seed 0 of each arm: a seed is one more config key)
+        preset = REPO / "experiments" / "tiny.yaml"
+        ids = {cell_identity(load_config(preset, cell.overrides)) for cell in cells if cell.seed == 0}
+        assert len(ids) == arms and default_id in ids, path.stem
+    assert AXES <= {p.stem for p in (REPO / "sweeps").glob("*.yaml")}
 
 
+@pytest.mark.slow
 def test_wandb_agent_command_trains_the_cells_of_the_optuna_harness():
     """What `wandb agent` would run for each cell (W&B's own ${args_no_hyphens} expansion and macro
     substitution) parses as `istr train` and resolves to the cell the local harness trains."""
@@ -93,6 +100,7 @@ def test_workers_split_the_cpu_threads_which_do_not_change_the_cell(tiny_cfg_fac
     assert load_config(plan.preset, plan.overrides(cell.params)).train.num_threads == 5  # --set wins
 
 
+@pytest.mark.slow
 def test_grid_completes_rerun_trains_nothing_and_reuses_across_studies(tmp_path, tiny_cfg_factory):
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
     root = tmp_path / "runs"
@@ -124,6 +132,7 @@ def test_grid_completes_rerun_trains_nothing_and_reuses_across_studies(tmp_path,
     assert len(after) == 6 and {name: after[name] for name in before} == before
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_journal_and_run_each_cell_once(tmp_path, tiny_cfg_factory):
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2+dice", "l2"])
     root = tmp_path / "runs"
@@ -139,6 +148,7 @@ def test_two_workers_share_a_journal_and_run_each_cell_once(tmp_path, tiny_cfg_f
     assert len(read_rows(root, "two")) == 2
 
 
+@pytest.mark.slow
 def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tiny_cfg_factory):
     """sweeps/hparams.yaml end to end: TPE trials in the spec's log/uniform bounds, budget = --trials, and each
     train.eval_every evaluation reported to Optuna (the dashboard's intermediate values)."""
@@ -168,6 +178,7 @@ def test_bayes_hparams_spec_runs_tpe_within_its_bounds_and_resumes(tmp_path, tin
     assert metrics_lines(cell_dirs(root, "hp")) == before  # the budget is spent: nothing trains again
 
 
+@pytest.mark.slow
 def test_killed_worker_leaves_cell_rerunnable_as_one_wandb_run(tmp_path, tiny_cfg_factory, monkeypatch):
     """SIGKILL mid-training, then the same command: the cell resumes into the same W&B run (one offline run
     whose history covers every step), and its cost sums both attempts."""
@@ -226,6 +237,7 @@ def test_cli_parsers_dispatch_status(tmp_path, tiny_cfg_factory, capsys):
         args.func(args)
 
 
+@pytest.mark.slow
 def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_factory, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     preset, spec = write_setup(tmp_path, tiny_cfg_factory, ["l2"])
@@ -245,8 +257,9 @@ def test_trial_is_an_offline_wandb_run_readable_by_wandb(tmp_path, tiny_cfg_fact
     assert set(summary["tags"]) == {"axis:loss", "arm:l2", "seed:0", "study:wb", f"cell:{row['cell_id']}"}
 
 
+@pytest.mark.slow
 def test_sweep_to_paper_tables_end_to_end(tmp_path, tiny_cfg_factory, monkeypatch):
-    """Issue 6: a 2-arm x 2-seed tiny sweep -> analysis.tables -> files that hold both arms."""
+    """A 2-arm x 2-seed tiny sweep -> analysis.tables -> files that hold both arms."""
     from analysis import plots, tables
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

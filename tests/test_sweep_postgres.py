@@ -1,14 +1,11 @@
 """Sweeps on a shared PostgreSQL study: several `istr sweep` processes ("machines", each with its own
---root) started at once on an empty database. A throwaway server is started per test (initdb + pg_ctl)."""
+--root) started at once on an empty database. A throwaway server is started per test (initdb + pg_ctl): the
+``postgres_url`` fixture of tests/conftest.py."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -17,41 +14,10 @@ from optuna.trial import TrialState
 
 from istr.sweep import run_sweep, sweep_status
 from istr.sweep.storage import open_storage
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.sweep_helpers import cell_dirs, metrics_lines, read_rows, write_setup
 
 pytestmark = pytest.mark.slow
-
-
-def _pg_binary(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL server (initdb + pg_ctl on a free loopback port), stopped at teardown."""
-    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install the 'postgresql' package")
-    base = Path(tempfile.mkdtemp(prefix="istr-pg-"))  # not under pytest's 0700 tmp: the server user reads it
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
-        shutil.chown(base, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    opts = f"-k {base} -p {port} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # bare URL: SQLAlchemy picks psycopg 3
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_two_workers_on_postgres_run_each_cell_once(tmp_path, tiny_cfg_factory, postgres_url):

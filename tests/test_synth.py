@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from istr.cli import build_parser
+from istr.config import SynthConfig
 from istr.data.synth import generate_synthetic_coco, scaled_area_thresholds
 
 IMAGE_SIZE = 128
@@ -126,3 +129,13 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         generate_synthetic_coco(tmp_path, 1, 1, min_object_frac=0.5, max_object_frac=0.1)
     with pytest.raises(ValueError, match="min_instances"):
         generate_synthetic_coco(tmp_path, 1, 1, min_instances=3, max_instances=2)
+
+
+def test_the_generator_and_istr_synth_take_their_defaults_from_the_config() -> None:
+    cfg = SynthConfig()
+    params = inspect.signature(generate_synthetic_coco).parameters
+    keys = ("seed", "image_size", "min_instances", "max_instances", "min_object_frac", "max_object_frac")
+    assert {k: params[k].default for k in keys} == {k: getattr(cfg, k) for k in keys}
+    args = build_parser().parse_args(["synth", "--out", "x"])
+    given = (args.train, args.val, args.seed, args.size, args.min_instances, args.max_instances)
+    assert given == (cfg.num_train, cfg.num_val, cfg.seed, cfg.image_size, cfg.min_instances, cfg.max_instances)

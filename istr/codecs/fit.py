@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def box_crops(
-    coco: COCO, mask_size: int = 28, max_masks: int = 0, seed: int = 0, image_ids: list[int] | None = None
+    coco: COCO, mask_size: int = MASK_SIZE, max_masks: int = 0, seed: int = 0, image_ids: list[int] | None = None
 ) -> Tensor:
-    """28x28 box crops of the non-crowd instance masks of ``coco`` -> [n, S, S] in {0,1}.
+    """Box crops (S = ``mask_size``, the codecs' :data:`MASK_SIZE` by default) of the non-crowd instance masks of
+    ``coco`` -> [n, S, S] in {0,1}.
 
     With ``max_masks > 0`` a seeded random subset of that many annotations is used.
     """

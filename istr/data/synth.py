@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from istr.config import SynthConfig
 from istr.data.checks import DatasetError
 from istr.io import ForeignFolderError, atomic_write_text, claim_output_folder
 
@@ -278,14 +279,16 @@ def generate_synthetic_coco(
     out_dir: Path,
     num_train: int,
     num_val: int,
-    seed: int = 0,
-    image_size: int = 128,
-    min_instances: int = 1,
-    max_instances: int = 8,
-    min_object_frac: float = 0.08,
-    max_object_frac: float = 0.6,
+    seed: int = SynthConfig.seed,
+    image_size: int = SynthConfig.image_size,
+    min_instances: int = SynthConfig.min_instances,
+    max_instances: int = SynthConfig.max_instances,
+    min_object_frac: float = SynthConfig.min_object_frac,
+    max_object_frac: float = SynthConfig.max_object_frac,
 ) -> dict:
     """Write a synthetic shapes dataset in COCO format under ``out_dir``.
+
+    The defaults are ``data.synth``'s (:class:`istr.config.SynthConfig`), so a call and a config agree.
 
     Layout: ``images/{train,val}/NNNNNN.png`` and ``annotations/instances_{train,val}.json``
     (image ids start at 1 in each split; category ids 1..7 in :data:`SHAPES` order; segmentation

@@ -6,6 +6,7 @@ json written here scores exactly as ``istr eval`` does on the same images (docs/
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from istr.engine.checkpoint import load_checkpoint
 from istr.engine.dist import resolve_device
 from istr.engine.evaluate import predict_batch, to_coco_results
 from istr.engine.precision import use_amp
-from istr.io import atomic_write_json
+from istr.io import atomic_write_bytes, atomic_write_json
 from istr.model import ISTR, build_model
 from istr.results import CHECKPOINT_FILE, CODEC_FILE, CONFIG_FILE
 
@@ -176,7 +177,9 @@ def predict_images(
         jpeg = Path(path).suffix.lower() in JPEG_SUFFIXES  # a PNG of a large photo is several MB
         target_path = out_dir / f"{Path(path).stem}_pred{'.jpg' if jpeg else '.png'}"
         overlay = draw_overlay(image, prediction, run.category_names, score_threshold)
-        overlay.save(target_path, **({"quality": 90} if jpeg else {}))
+        encoded = io.BytesIO()  # encoded in memory, then written atomically: a kill leaves no half image
+        overlay.save(encoded, **({"format": "JPEG", "quality": 90} if jpeg else {"format": "PNG"}))
+        atomic_write_bytes(target_path, encoded.getvalue())
         report(f"{path}: {detection_summary(prediction, score_threshold)} -> {target_path}")
         written.append(target_path)
         results.extend(to_coco_results(prediction, image_id, run.category_ids))

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from istr.io import atomic_write_json
+from istr.io import atomic_write_json, atomic_write_text
 from istr.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class JsonlSink(Sink):
     """Appends one JSON object per logged step to ``metrics.jsonl``."""
 
     def __init__(self, path: Path) -> None:
+        # Appended line by line, not through istr.io: an atomic rewrite per step would copy the whole history
+        # each time, and a kill cuts at most the last line (replay_history skips it).
         self.handle = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -170,7 +172,7 @@ class WandbSink(Sink):
                 settings=wandb.Settings(silent=True, console="off", init_timeout=60,
                                         x_transaction_log_flush_interval=WANDB_FLUSH_S),
             )
-            id_file.write_text(run_id)
+            atomic_write_text(id_file, run_id)
             for step, metrics in replay_history(run_dir / METRICS_FILE, self.run.step, start_step):
                 self.run.log(metrics, step=step)
         except Exception as err:  # noqa: BLE001 - logging must never fail the training run

@@ -1,7 +1,8 @@
 """Training loop as plain functions (docs/architecture.md#data-flow): build -> train_step* -> evaluate.
 
 AdamW, linear warmup + multi-step decay, grad-norm clipping, bf16 autocast (istr/engine/precision.py), DDP under
-torchrun, atomic checkpoints, exact resume (docs/method.md#training).
+torchrun, atomic checkpoints, exact resume (docs/method.md#training). SIGUSR1/SIGTERM (a scheduler's warning,
+scancel) make a single-process run checkpoint the step it is on and exit ``PREEMPTED_EXIT``, so it resumes there.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import contextlib
 import logging
 import math
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from istr.codecs import CODECS, MaskCodec, load_codec
+from istr.axes import REGISTRY_AXES, config_value
+from istr.codecs import MaskCodec, load_codec
 from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config, config_hash, to_dict, to_yaml
 from istr.data.build import (
@@ -39,10 +44,9 @@ from istr.engine.rundir import check_run_dir, claimed
 from istr.engine.sinks import CostSink, JsonlSink, MultiSink, ProgressSink, Sink, WandbSink
 from istr.eval_images import save_records
 from istr.io import atomic_write_json, atomic_write_text
-from istr.losses import MASK_LOSSES, SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
-from istr.matcher import MASK_COSTS, build_matcher
+from istr.losses import SetCriterion, build_criterion, loss_weights, split_stage, weighted_sum
+from istr.matcher import build_matcher
 from istr.model import build_model
-from istr.model.head import ATTENTIONS
 from istr.provenance import code_version
 from istr.registry import pick
 from istr.results import (
@@ -61,6 +65,8 @@ from istr.results import (
 from istr.targets import prepare_targets
 
 log = logging.getLogger(__name__)
+PREEMPTED_EXIT = 75  # exit status after a preemption signal: checkpointed, resume later (sysexits' EX_TEMPFAIL)
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning before the time limit; scancel, preemption
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,11 +267,29 @@ def evaluate_run(
 
 
 def check_arms(cfg: Config) -> None:
-    """Each ablation arm looked up in the registry its builder uses: UnknownArmError, listing the valid names."""
-    pick(CODECS, cfg.codec.type, "codec.type")
-    pick(MASK_COSTS, cfg.matcher.mask_cost, "matcher.mask_cost")
-    pick(MASK_LOSSES, cfg.loss.mask, "loss.mask")
-    pick(ATTENTIONS, cfg.model.attention, "model.attention")
+    """Each ablation arm looked up in the registry its builder uses (the axes of istr/axes.py): UnknownArmError,
+    listing the valid names."""
+    for ax in REGISTRY_AXES:
+        for key in ax.keys:
+            pick(ax.arms(), config_value(cfg, key), key)
+
+
+def catch_preemption(enabled: bool) -> tuple[list[int], Callable[[], None]]:
+    """SIGUSR1/SIGTERM -> appended to the returned list, so the loop can checkpoint its step before it exits;
+    and the function that restores the previous handlers.
+
+    Only in a single-process run's main thread: under DDP every rank would have to agree on the step to stop at.
+    """
+    caught: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        return caught, lambda: None
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in PREEMPT_SIGNALS}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return caught, restore
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
@@ -347,6 +371,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     )
     sink, wandb_sink, cost = build_sinks(cfg, run_dir, start_step, info)
     step, started, window_start, window_images = start_step, time.perf_counter(), time.perf_counter(), 0
+    preempted, restore_signals = catch_preemption(info.world_size == 1)
     try:
         model.train()
         batches = iter(loader)
@@ -378,6 +403,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     step, {f"eval/{t}_{k}": v for t, m in metrics_eval.items() for k, v in m.items() if v is not None}
                 )
                 model.train()
+            if preempted and step < cfg.train.max_steps:  # a sweep worker resumes the cell from this step
+                if step % cfg.train.checkpoint_every:
+                    save_checkpoint(ckpt_path, model, step, optimizer, scheduler)
+                log.warning("preempted (%s) at step %d: checkpoint saved to %s; exiting %d to be resumed",
+                            signal.Signals(preempted[0]).name, step, ckpt_path, PREEMPTED_EXIT)
+                raise SystemExit(PREEMPTED_EXIT)
         train_seconds = time.perf_counter() - started
         totals = cost.totals() if cost else {}  # every attempt: a killed one's time counts too
         checksums = D.all_gather_floats(parameter_checksum(model))
@@ -402,6 +433,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             )
         D.barrier()
         return result
+    except Exception:
+        if preempted:  # e.g. data loader workers killed by the same signal: the last checkpoint is kept
+            log.warning("preempted (%s) at step %d: exiting %d to be resumed from the last checkpoint",
+                        signal.Signals(preempted[0]).name, step, PREEMPTED_EXIT)
+            raise SystemExit(PREEMPTED_EXIT) from None
+        raise
     finally:
+        restore_signals()
         sink.close()
         D.cleanup()

@@ -1,7 +1,7 @@
 """Trial records: ``results.csv`` rows (columns in istr/results.py) and ``sweep_status``.
 
 A completed trial carries its row's numbers as flat user attrs (``segm_AP``, ``steps``, ``wall_s``...,
-:data:`RUN_COLUMNS`), so the storage alone holds every result: ``results.csv`` is rebuilt from it
+:data:`istr.results.RUN_COLUMNS`), so the storage alone holds every result: ``results.csv`` is rebuilt from it
 (never appended) on every machine, one row per completed cell wherever it ran, and written
 atomically, so any number of workers may rewrite it and a reader never sees a half-written file.
 Rows are keyed by cell id: a cell completed twice is still one row.
@@ -19,26 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from istr.config import load_config
 from istr.io import atomic_write_text, file_lock
 from istr.results import (
     CODEC_STATS_FILE,
     COLUMNS,
     CONFIG_FILE,
     EVAL_FILE,
-    METRICS,
+    RUN_COLUMNS,
     SUMMARY_FILE,
     TRIAL_RECORD,
     flat_metrics,
 )
 from istr.sweep.archive import archived
 from istr.sweep.storage import open_storage, stale_trials, study_dir, utc_now
-
-# the columns that come from the run dir; stored as flat user attrs of the trial that completed the cell
-RUN_COLUMNS = [*METRICS, "steps", "wall_s", "img_per_s", "device", "wandb_run_id", "finished_at", "train_s",
-               "attempts", "codec_type", "codec_dim", "codec_iou"]
 
 
 def _read_json(path: Path) -> dict:
@@ -49,10 +45,13 @@ def _read_json(path: Path) -> dict:
 
 
 def codec_record(run_dir: Path) -> dict[str, Any]:
-    """The run's codec (type, dim from config.yaml) and its reconstruction IoU (codec_stats.json)."""
+    """The run's codec (type, dim from config.yaml, read as ``istr eval`` reads it) and its reconstruction IoU.
+
+    A missing or unreadable config.yaml gives no codec columns rather than failing the results rebuild.
+    """
     try:
-        codec = OmegaConf.load(run_dir / CONFIG_FILE).codec
-    except (OSError, ValueError, AttributeError):
+        codec = load_config(run_dir / CONFIG_FILE).codec
+    except (OSError, ValueError):  # ConfigError is a ValueError
         return {}
     return {"type": codec.type, "dim": codec.dim, "mask_iou": _read_json(run_dir / CODEC_STATS_FILE).get("mask_iou")}
 
@@ -130,16 +129,19 @@ def write_results(study: optuna.Study, root: Path) -> Path:
 
 
 def _describe(trial: FrozenTrial) -> str:
+    """Trial, cell, arm, seed and where its worker runs: host, pid and, under SLURM, ``slurm job JOBID_TASK``."""
     a = trial.user_attrs
+    slurm = f" slurm job {a['slurm_job_id']}_{a.get('slurm_array_task_id', '?')}" if a.get("slurm_job_id") else ""
     return (f"trial {trial.number} cell {a.get('cell_id', '?')} ({a.get('arm', '?')}, s{a.get('seed', '?')}) "
-            f"on {a.get('host', '?')} pid {a.get('pid', '?')}")
+            f"on {a.get('host', '?')} pid {a.get('pid', '?')}{slurm}")
 
 
 def status_counts(study: optuna.Study, root: Path | None = None) -> dict[str, Any]:
     """Cells done/running/stale/failed/pending (failed = last attempt failed, not yet re-run).
 
     With ``root``, a RUNNING trial whose worker is dead (lease expired, pid gone, heartbeat lost) counts
-    as stale, not running; the next ``istr sweep`` of the study re-queues its cell.
+    as stale, not running; the next ``istr sweep`` of the study re-queues its cell. A study submitted with
+    ``--launcher slurm`` also lists its SLURM job ids (``slurm_jobs``).
     """
     trials = study.get_trials(deepcopy=False)
     stale = stale_trials(study, root) if root is not None else {}
@@ -163,6 +165,7 @@ def status_counts(study: optuna.Study, root: Path | None = None) -> dict[str, An
     done, running, stale_n = count("COMPLETE"), count("RUNNING", without=("COMPLETE",)), count(
         "STALE", without=("COMPLETE", "RUNNING"))
     failed = count("FAIL", without=("COMPLETE", "RUNNING", "WAITING", "STALE"))
+    slurm = {"slurm_jobs": attrs["slurm_jobs"]} if attrs.get("slurm_jobs") else {}
     return {
         "study": study.study_name,
         "axis": attrs.get("axis", ""),
@@ -177,6 +180,7 @@ def status_counts(study: optuna.Study, root: Path | None = None) -> dict[str, An
         "trials": len(trials),
         "running_cells": [_describe(t) for t in live],
         "stale_cells": [f"{_describe(t)}: {stale[t.number]}" for t in trials if t.number in stale],
+        **slurm,
     }
 
 
@@ -196,6 +200,8 @@ def progress_line(study: optuna.Study, event: str, trial_id: int) -> str:
     what = f"{event} {_describe(trial)}"
     if event == "end":
         what += f": {trial.state.name.lower()}" + (f" {trial.values[0]:.4g}" if trial.values else "")
+        if trial.user_attrs.get("fail_reason") == "preempted":
+            what += " (preempted: queued again, resumes from its checkpoint)"
     return (f"{utc_now()} sweep {study.study_name}: {what} | {counts['done']}/{counts['total']} done, "
             f"{counts['running']} running, ETA {eta}")
 

@@ -9,6 +9,10 @@ RandomSampler, bayes -> TPESampler, with the spec's ``early_terminate`` as prune
 waits while cells run elsewhere, re-queueing those whose worker died, and ends only when none is
 pending or running anywhere (or at once with ``wait=False``). ``results.csv`` is rebuilt from the
 storage after every trial.
+
+A worker signalled with SIGUSR1/SIGTERM (SLURM's time-limit warning, scancel, preemption) has its
+training checkpoint and stop, fails the trial with reason ``preempted``, queues its cell again at once
+(:func:`requeue_cell`, no lease has to expire) and ends; any worker then resumes the cell.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from istr.registry import UnknownArmError
 from istr.sweep.records import progress_line, status_counts, write_results
 from istr.sweep.spec import Cell, SpecError, cell_identity, load_spec, param_overrides, resolve_preset
 from istr.sweep.storage import LEASE_TTL_S, open_storage, reap_stale_trials, storage_lock, study_dir
-from istr.sweep.trial import SweepPlan, find_done, run_trial
+from istr.sweep.trial import PREEMPTED, PREEMPTION, SweepPlan, find_done, run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MAX_CONSECUTIVE_FAILURES = 3
 POLL_S = 5.0
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+QUEUED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # a cell with one of these needs no new trial
+CELL_ATTRS = ("cell_id", "arm", "seed", "axis", "preset")
 
 
 def make_sampler(method: str) -> optuna.samplers.BaseSampler:
@@ -65,8 +71,7 @@ def _open_study(plan: SweepPlan) -> optuna.Study:
 
 def _enqueue(study: optuna.Study, plan: SweepPlan, cells: dict[str, Cell]) -> None:
     """Enqueue the cells with no COMPLETE/RUNNING/WAITING trial (the caller holds the storage lock)."""
-    covered = {t.user_attrs.get("cell_id") for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
+    covered = {t.user_attrs.get("cell_id") for t in study.get_trials(deepcopy=False, states=QUEUED)}
     for cell_id, cell in cells.items():
         if cell_id not in covered:
             study.enqueue_trial(cell.params, user_attrs={
@@ -97,6 +102,21 @@ def requeue_stale(study: optuna.Study, plan: SweepPlan, cells: dict[str, Cell] |
         if cells is not None and reaped:
             ids = {t.user_attrs.get("cell_id") for t in reaped}
             _enqueue(study, plan, {k: v for k, v in cells.items() if k in ids})
+
+
+def requeue_cell(study: optuna.Study, plan: SweepPlan, trial_id: int) -> bool:
+    """Queue a preempted trial's cell again at once, unless it is queued, running or done; True if queued.
+
+    The same parameters and cell attrs as the grid's own queue, so any worker resumes the cell from its checkpoint.
+    """
+    frozen = study._storage.get_trial(trial_id)
+    cell_id = frozen.user_attrs.get("cell_id")
+    with storage_lock(plan.storage_url, Path(plan.root), plan.study):
+        if any(t.user_attrs.get("cell_id") == cell_id for t in study.get_trials(deepcopy=False, states=QUEUED)):
+            return False
+        study.enqueue_trial(frozen.params, user_attrs={k: frozen.user_attrs[k] for k in CELL_ATTRS
+                                                        if k in frozen.user_attrs})
+    return True
 
 
 def pop_waiting(study: optuna.Study) -> optuna.Trial | None:
@@ -132,30 +152,38 @@ def next_trial(study: optuna.Study, plan: SweepPlan) -> optuna.Trial | None:
 
 
 def worker_loop(plan: SweepPlan, on_trial=None) -> bool:
-    """Run trials until none is left for this worker; True when it gave up after repeated failures."""
+    """Run trials until none is left for this worker; True when it gave up after repeated failures.
+
+    A SIGUSR1/SIGTERM ends it after the trial at hand (:class:`istr.sweep.trial.Preemption`): a cell it
+    interrupted is failed as ``preempted`` and queued again.
+    """
     study = _open_study(plan)
     failures = 0
-    while failures < MAX_CONSECUTIVE_FAILURES:
-        trial = next_trial(study, plan)
-        if trial is None:
-            return False
-        try:
-            state, value = run_trial(study, trial, plan)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        if state == TrialState.COMPLETE:
-            study.tell(trial, value)
-            failures = 0
-        else:
-            study.tell(trial, state=state)
-            failures += state == TrialState.FAIL
-        write_results(study, Path(plan.root))
-        if plan.log_lines:
-            print(progress_line(study, "end", trial._trial_id), flush=True)
-        if on_trial:
-            on_trial()
-    return True
+    with PREEMPTION.installed():
+        while failures < MAX_CONSECUTIVE_FAILURES and PREEMPTION.signum is None:
+            trial = next_trial(study, plan)
+            if trial is None:
+                return False
+            try:
+                state, value = run_trial(study, trial, plan)
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            if state == TrialState.COMPLETE:
+                study.tell(trial, value)
+                failures = 0
+            else:
+                study.tell(trial, state=state)
+                if trial.user_attrs.get("fail_reason") == PREEMPTED:
+                    requeue_cell(study, plan, trial._trial_id)
+                else:
+                    failures += state == TrialState.FAIL
+            write_results(study, Path(plan.root))
+            if plan.log_lines:
+                print(progress_line(study, "end", trial._trial_id), flush=True)
+            if on_trial:
+                on_trial()
+    return failures >= MAX_CONSECUTIVE_FAILURES
 
 
 def _worker_main(plan: SweepPlan) -> None:
@@ -261,6 +289,7 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
     ``archive``: the cell archive (:mod:`istr.sweep.archive`), read for finished cells and added to.
     """
     log_lines = progress is None and not sys.stdout.isatty()
+    PREEMPTION.reset()
     spec, plan = build_plan(spec_path, preset, seeds, sets, study_name, storage_url, trial_timeout, root, lease_ttl,
                             trials, workers, log_lines, archive)
     cells = plan_cells(spec, plan)
@@ -273,7 +302,7 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
     try:
         gave_up = _run_workers(plan, workers, study, bar)
         announced = None
-        while not gave_up:
+        while not gave_up and PREEMPTION.signum is None:
             requeue_stale(study, plan, cells)
             if has_work(study, plan):
                 gave_up = worker_loop(plan, on_trial=lambda: _refresh(bar, study))
@@ -292,6 +321,8 @@ def run_sweep(spec_path: str | Path, preset: str | None = None, seeds: int | Non
     write_results(study, Path(plan.root))
     counts = status_counts(study, Path(plan.root))
     counts["results"] = (study_dir(Path(plan.root), plan.study) / "results.csv").as_posix()
+    if PREEMPTION.signum is not None:
+        counts["preempted"] = PREEMPTION.name
     return counts
 
 

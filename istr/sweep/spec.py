@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from istr.config import Config, ConfigError, LoggingConfig, config_hash
 from istr.results import arm_name
+from istr.spec_file import SEED_KEY, SpecFileError, read_spec_file
 
 METHODS = ("grid", "random", "bayes")
 GOALS = ("maximize", "minimize")
@@ -66,7 +65,7 @@ class SweepSpec:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def axis_keys(self) -> list[str]:
-        return [k for k in self.parameters if k != "seed"]
+        return [k for k in self.parameters if k != SEED_KEY]
 
     def with_seeds(self, seeds: int | None) -> SweepSpec:
         """A copy whose ``seed`` grid is ``0..seeds-1`` (``None`` keeps the spec's)."""
@@ -148,16 +147,6 @@ def resolve_preset(preset: str | Path) -> Path:
     raise SpecError(f"preset not found: {preset} (a YAML path or a name in experiments/)")
 
 
-def _preset_from_command(path: Path, command: list[str]) -> str:
-    if "${args_no_hyphens}" not in command and "${args}" not in command:
-        raise SpecError(f"{path}: command must pass the parameters with ${{args_no_hyphens}}")
-    if "train" not in command or "istr" not in command:
-        raise SpecError(f"{path}: command must call 'istr train' (e.g. ${{interpreter}} -m istr train ...)")
-    if "--config" not in command or command.index("--config") + 1 >= len(command):
-        raise SpecError(f"{path}: command needs '--config experiments/<preset>.yaml' (the base preset)")
-    return command[command.index("--config") + 1]
-
-
 def _check_parameter(path: Path, key: str, p: Any, method: str) -> None:
     if not isinstance(p, dict):
         raise SpecError(f"{path}: parameter '{key}' must be a mapping (values:/value:/distribution:)")
@@ -173,18 +162,18 @@ def _check_parameter(path: Path, key: str, p: Any, method: str) -> None:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Parse + validate a W&B sweep YAML; errors name the file and the fix."""
+    """Parse + validate a W&B sweep YAML; errors name the file and the fix.
+
+    The YAML, the parameters and the command are read by :func:`istr.spec_file.read_spec_file`, as the analysis
+    reads them; what only the harness needs (method, metric, run_cap, early_terminate) is checked here.
+    """
     path = resolve_spec_path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{where}: malformed YAML: {problem}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a sweep spec is a mapping with method/metric/parameters/command")
-    for key in ("method", "metric", "parameters", "command"):
+        spec_file = read_spec_file(path)
+    except SpecFileError as err:
+        raise SpecError(str(err)) from None
+    raw = spec_file.raw
+    for key in ("method", "metric"):
         if key not in raw:
             raise SpecError(f"{path}: missing W&B sweep key '{key}'")
     method = raw["method"]
@@ -196,19 +185,14 @@ def load_spec(path: str | Path) -> SweepSpec:
     goal = metric.get("goal", "maximize")
     if goal not in GOALS:
         raise SpecError(f"{path}: metric.goal '{goal}' is not one of {GOALS}")
-    params = raw["parameters"]
-    if not isinstance(params, dict) or not params:
-        raise SpecError(f"{path}: parameters must be a non-empty mapping")
+    params = spec_file.parameters
     for key, p in params.items():
         _check_parameter(path, key, p, method)
-    if not isinstance(raw["command"], list):
-        raise SpecError(f"{path}: command must be a list (${{env}}, ${{interpreter}}, -m, istr, train, ...)")
-    command = [str(c) for c in raw["command"]]
     run_cap = raw.get("run_cap", 20)
     if not isinstance(run_cap, int) or run_cap < 1:
         raise SpecError(f"{path}: run_cap must be a positive integer, got {run_cap!r}")
-    return SweepSpec(path=path, axis=path.stem, method=method, metric=metric["name"], goal=goal,
-                     parameters=params, preset=_preset_from_command(path, command), run_cap=run_cap,
+    return SweepSpec(path=path, axis=spec_file.axis, method=method, metric=metric["name"], goal=goal,
+                     parameters=params, preset=spec_file.preset, run_cap=run_cap,
                      early_terminate=_check_early_terminate(path, raw.get("early_terminate"), method), raw=raw)
 
 

@@ -8,6 +8,11 @@ lease file (and the RDB heartbeat) every ``lease_ttl / 6`` seconds, adds the att
 each ``train.eval_every`` evaluation the child appends to ``metrics.jsonl`` to Optuna
 (``trial.report``), stopping the child when the study's pruner says so.
 
+A SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (scancel, preemption) to the worker is
+passed on to the child, which checkpoints the step it is on and exits ``PREEMPTED_EXIT``
+(istr/engine/train.py); the trial then fails with reason ``preempted`` and the runner queues its cell
+again at once (:class:`Preemption`), to resume from that checkpoint on any worker.
+
 The child's W&B run is named ``<axis>/<arm>/s<seed>`` and tagged with the axis, arm, seed, study and
 cell id (``WANDB_NAME``/``WANDB_TAGS``, W&B's own variables, which the cell identity ignores).
 """
@@ -20,7 +25,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
 from istr.engine.rundir import claim_run_dir, marker
+from istr.engine.train import PREEMPT_SIGNALS, PREEMPTED_EXIT
 from istr.io import atomic_write_json
 from istr.results import CHECKPOINT_FILE, EVAL_FILE, METRICS_FILE, TRAIN_LOG, TRIAL_RECORD, arm_name, flat_metrics
 from istr.sweep.archive import archive_cell, archived
@@ -40,6 +49,62 @@ from istr.sweep.storage import HOST, LEASE_TTL_S, lease_path, utc_now, write_lea
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 PR_SET_PDEATHSIG = 1
+PREEMPTED = "preempted"  # the fail_reason of a trial whose worker was signalled: its cell is queued again
+PREEMPT_GRACE_S = 20.0  # after a signal, how long the child may take to checkpoint before it is killed
+SLURM_ATTRS = {"slurm_job_id": "SLURM_ARRAY_JOB_ID", "slurm_array_task_id": "SLURM_ARRAY_TASK_ID"}
+
+
+class Preemption:
+    """A worker's SIGUSR1/SIGTERM: remembered, and passed on to the running ``istr train`` child.
+
+    The handler only records the signal (and forwards it), never raises: the worker stops at its next
+    safe point (the child's exit, or before taking a trial), so the trial is told and its cell queued
+    again before the process ends. Outside :meth:`installed` the signals keep their default action.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.at = 0.0
+        self.child: subprocess.Popen | None = None
+
+    def reset(self) -> None:
+        """Forget an earlier signal: a new sweep in this process (a worker process ends after one)."""
+        self.signum, self.child = None, None
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self.at = signum, time.monotonic()
+        self.forward()
+
+    def forward(self) -> None:
+        """Pass the signal on to the running child (it may have had it already: scancel signals every process)."""
+        child = self.child
+        if self.signum is not None and child is not None and child.returncode is None:
+            try:
+                os.kill(child.pid, self.signum)
+            except ProcessLookupError:
+                pass
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, for a worker loop in the main thread; the previous ones come back after it."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.reset()
+        previous = {s: signal.signal(s, self._handle) for s in PREEMPT_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+PREEMPTION = Preemption()  # one per process: signal handlers are per process
 
 
 @dataclass
@@ -177,6 +242,8 @@ def wandb_env(plan: SweepPlan, cell_id: str, arm: str, seed: int) -> dict[str, s
 def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_id: str,
                overrides: list[str], run_dir: Path, env: dict[str, str]) -> tuple[TrialState, str]:
     """Run ``istr train`` for the cell in a subprocess, renewing the lease; (state, reason)."""
+    if PREEMPTION.signum is not None:
+        return TrialState.FAIL, PREEMPTED
     root = Path(plan.root)
     lease = lease_path(root, plan.study, trial.number)
     _renew(study, trial, lease, cell_id, plan.lease_ttl)
@@ -193,17 +260,21 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
     interval = max(plan.lease_ttl / 6.0, 0.5)
     with open(run_dir / TRAIN_LOG, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup, env=env)
+        PREEMPTION.child = proc
+        PREEMPTION.forward()  # a signal that came before the child existed
         try:
             while True:
                 try:
-                    rc = proc.wait(timeout=interval)
+                    rc = proc.wait(timeout=interval if PREEMPTION.signum is None else 1.0)
                     break
                 except subprocess.TimeoutExpired:
                     _renew(study, trial, lease, cell_id, plan.lease_ttl)
                     atomic_write_json(run_dir / TRIAL_RECORD,
                                       {**record, "wall_s": record["wall_s"] + time.perf_counter() - started})
                     stop = None
-                    if plan.trial_timeout and time.perf_counter() - started > plan.trial_timeout:
+                    if PREEMPTION.signum is not None and time.monotonic() - PREEMPTION.at > PREEMPT_GRACE_S:
+                        stop = TrialState.FAIL, PREEMPTED  # no checkpoint in time: the last periodic one is kept
+                    elif plan.trial_timeout and time.perf_counter() - started > plan.trial_timeout:
                         stop = TrialState.FAIL, f"timeout after {plan.trial_timeout:.0f}s"
                     elif reporter.poll():
                         stop = TrialState.PRUNED, f"pruned at step {max(reporter.reported)}"
@@ -216,11 +287,15 @@ def train_cell(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan, cell_i
             proc.wait()
             raise
         finally:
+            PREEMPTION.child = None
             lease.unlink(missing_ok=True)
             record["wall_s"] += time.perf_counter() - started
             atomic_write_json(run_dir / TRIAL_RECORD, record)
     reporter.poll()
-    if rc != 0 or not (run_dir / EVAL_FILE).is_file():
+    finished = rc == 0 and (run_dir / EVAL_FILE).is_file()
+    if not finished and (rc == PREEMPTED_EXIT or PREEMPTION.signum is not None):
+        return TrialState.FAIL, PREEMPTED
+    if not finished:
         return TrialState.FAIL, f"istr train exited {rc}; see {run_dir / TRAIN_LOG}"
     atomic_write_json(run_dir / TRIAL_RECORD, {**record, "finished_at": utc_now()})
     return TrialState.COMPLETE, ""
@@ -237,6 +312,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: SweepPlan) -> tupl
     overrides = plan.overrides(params)
     trial.set_user_attr("host", HOST)
     trial.set_user_attr("pid", os.getpid())
+    for key, var in SLURM_ATTRS.items():  # `istr sweep status` shows where a running cell's worker is
+        if os.environ.get(var):
+            trial.set_user_attr(key, os.environ[var])
     try:
         cfg = load_config(plan.preset, overrides)
     except ConfigError as err:
