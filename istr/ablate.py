@@ -142,11 +142,33 @@ def _run_axes(
             counts[axis] = {"study": studies[axis], "total": len(cells), "done": len(cells), "running": 0,
                             "failed": 0, "stale": 0, "pending": 0, "running_cells": [], "archived": True}  # fmt: skip
         else:
+            warn_if_code_differs(archive)
             counts[axis] = run_sweep(axis, preset=str(preset), seeds=n, sets=args.sets, study_name=studies[axis],
                                      workers=args.workers, storage_url=args.storage, archive=archive,
                                      trial_timeout=args.trial_timeout, root=Path(args.root))  # fmt: skip
         print(json.dumps(counts[axis]))
     return counts
+
+
+def warn_if_code_differs(archive: Path) -> None:
+    """Say so before training when the archive's cells were trained by another commit than this checkout: the
+    new cells would mix code versions in one table (its footnote lists them), so continue at that commit."""
+    from istr.provenance import code_version
+    from istr.results import SUMMARY_FILE
+
+    here = code_version()["commit"]
+    theirs = set()
+    for summary in sorted(Path(archive).glob(f"*/{SUMMARY_FILE}")):
+        try:
+            theirs.add((json.loads(summary.read_text()).get("code_version") or {}).get("commit"))
+        except (OSError, ValueError):
+            continue
+    theirs.discard(None)
+    if here and theirs and theirs != {here}:
+        print(f"istr ablate: the cells in {archive} were trained at {', '.join(c[:12] for c in sorted(theirs))}, "
+              f"this checkout is {here[:12]}: new cells would mix code versions in the tables. To continue the "
+              f"same run: git worktree add ../istr-run {min(theirs)[:12]}, and run this command there with the "
+              "same --out", file=sys.stderr)
 
 
 def archived_results(

@@ -178,3 +178,15 @@ def test_n_reached_counts_an_arm_with_no_finished_cell_as_zero() -> None:
     df = normalize(pd.DataFrame(rows))
     assert ablate.n_reached(df, "loss", ["l2+dice", "l2"]) == 3
     assert ablate.n_reached(df, "loss", ["l2+dice", "l2", "dice"]) == 0  # dice has not run yet
+
+
+def test_training_into_an_archive_of_another_commit_warns(tmp_path, capsys, monkeypatch) -> None:
+    record = tmp_path / "cells" / "abc"
+    record.mkdir(parents=True)
+    (record / "train_summary.json").write_text(json.dumps({"code_version": {"commit": "a" * 40, "dirty": False}}))
+    monkeypatch.setattr("istr.provenance.code_version", lambda: {"commit": "b" * 40, "dirty": False})
+    ablate.warn_if_code_differs(tmp_path / "cells")
+    assert "trained at aaaaaaaaaaaa" in capsys.readouterr().err
+    monkeypatch.setattr("istr.provenance.code_version", lambda: {"commit": "a" * 40, "dirty": False})
+    ablate.warn_if_code_differs(tmp_path / "cells")
+    assert capsys.readouterr().err == ""
