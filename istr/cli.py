@@ -80,8 +80,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from istr.engine.evaluate import evaluate_run
     from istr.engine.predict import load_run
-    from istr.engine.train import evaluate_run
 
     run = load_run(Path(args.run), args.device)
     detections = Path(args.save_detections) if args.save_detections else None
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from istr.data.coco import DatasetError
     from istr.engine.checkpoint import CheckpointError
     from istr.engine.rundir import RunDirError
-    from istr.engine.train import NonFiniteLossError
+    from istr.engine.step import NonFiniteLossError
     from istr.io import ForeignFolderError
     from istr.registry import UnknownArmError
 

@@ -319,7 +319,7 @@ _ABOVE_ZERO = _rule(lambda v: v > 0, "> 0 (finite)")
 _PROBABILITY = _rule(lambda v: 0 <= v <= 1, "[0, 1]")
 _FRACTION = _rule(lambda v: 0 < v <= 1, "(0, 1]")
 
-LR_SCHEDULES = ("step", "cosine")  # train.lr_schedule (lr_factor in istr/engine/train.py)
+LR_SCHEDULES = ("step", "cosine")  # train.lr_schedule (lr_factor in istr/engine/optim.py)
 
 # Every numeric key with a domain, and train.lr_schedule's names; each element of a list value must be in range.
 VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -199,3 +200,42 @@ def make_model(cfg, **model_overrides) -> ISTR:
 
 def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def box_evaluation(gt_seed: int, det_seed: int, n_images: int = 40, noise: float = 3.0, categories: int = 3,
+                   crowd_rate: float = 0.0, found_rate: float = 0.85, false_rate: float = 0.5) -> Any:
+    """A pycocotools COCOeval (bbox) after ``evaluate()``: 1-3 boxes per image drawn with ``gt_seed`` (a share of
+    them crowd), each found with jitter ``noise`` at rate ``found_rate``, plus a false positive at ``false_rate``,
+    drawn with ``det_seed``; for the per-image records (istr/eval_images.py) without training a model."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_rng, rng = np.random.default_rng(gt_seed), np.random.default_rng(det_seed)
+    images, annotations, detections = [], [], []
+    for image_id in range(1, n_images + 1):
+        images.append({"id": image_id, "width": 100, "height": 100})
+        for _ in range(gt_rng.integers(1, 4)):
+            x, y, w, h = gt_rng.uniform(0, 60, 2).tolist() + gt_rng.uniform(10, 40, 2).tolist()
+            category = int(gt_rng.integers(1, categories + 1))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": int(gt_rng.random() < crowd_rate)})  # fmt: skip
+            if rng.random() < found_rate:
+                j = rng.normal(0, noise, 4)
+                detections.append({"image_id": image_id, "category_id": category, "score": float(rng.random()),
+                                   "bbox": [x + j[0], y + j[1], abs(w + j[2]), abs(h + j[3])]})  # fmt: skip
+        if rng.random() < false_rate:
+            detections.append({"image_id": image_id, "category_id": int(rng.integers(1, categories + 1)),
+                               "score": float(rng.random()), "bbox": rng.uniform(0, 60, 4).tolist()})  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": c, "name": str(c)} for c in range(1, categories + 1)]}  # fmt: skip
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+        evaluator.evaluate()
+    return evaluator

@@ -63,7 +63,8 @@ def test_istr_bench_non_square_records_both_sides(tmp_path, capsys):
 def test_non_square_inputs_are_not_resized():
     import torch
 
-    from istr.bench.compare import build_maskrcnn, synthetic_batch
+    from istr.bench.inputs import synthetic_batch
+    from istr.bench.models import build_maskrcnn
 
     images, targets = synthetic_batch(2, 50, 70, num_classes=3)
     assert images.shape == (2, 3, 50, 70)

@@ -7,62 +7,16 @@ import io
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from analysis.bootstrap import resampled_ap
 from istr.eval_images import compact_records, load_records, save_records, weighted_ap
+from tests.conftest import box_evaluation
 
 
 def _evaluated(seed: int = 0, n_images: int = 40) -> COCOeval:
     """COCOeval (bbox) after evaluate() of jittered ground truth plus false positives, with a few crowd boxes."""
-    rng = np.random.default_rng(seed)
-    images, annotations, detections = [], [], []
-    for image_id in range(1, n_images + 1):
-        images.append({"id": image_id, "width": 100, "height": 100})
-        for _ in range(rng.integers(0, 4)):
-            x, y, w, h = rng.uniform(0, 60, 2).tolist() + rng.uniform(5, 40, 2).tolist()
-            category = int(rng.integers(1, 4))
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": int(rng.random() < 0.05),
-                }
-            )
-            if rng.random() < 0.8:
-                jitter = rng.normal(0, 3, 4)
-                detections.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": category,
-                        "score": float(rng.random()),
-                        "bbox": [x + jitter[0], y + jitter[1], abs(w + jitter[2]), abs(h + jitter[3])],
-                    }
-                )
-        for _ in range(rng.integers(0, 5)):
-            detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(rng.integers(1, 4)),
-                    "score": float(rng.random()),
-                    "bbox": rng.uniform(0, 60, 4).tolist(),
-                }
-            )
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)],
-        }
-        gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
-        evaluator.evaluate()
-    return evaluator
+    return box_evaluation(seed, seed + 1, n_images, categories=3, crowd_rate=0.05)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

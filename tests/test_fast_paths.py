@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from istr.engine.optim import build_optimizer
 from istr.engine.precision import autocast, native_bf16
-from istr.engine.train import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def _train_losses_and_grads(
     autocast with ``amp``, as ``train_step`` runs it)."""
     import dataclasses
 
-    from istr.bench.compare import fit_bench_codec, synthetic_batch
+    from istr.bench.inputs import fit_bench_codec, synthetic_batch
     from istr.data.collate import collate_batch
     from istr.losses import build_criterion, loss_weights, weighted_sum
     from istr.matcher import build_matcher

@@ -19,8 +19,10 @@ from pycocotools import mask as mask_utils
 
 from istr.config import ConfigError, load_config, to_yaml
 from istr.data.synth import generate_synthetic_coco
+from istr.engine.optim import build_optimizer, lr_factor
 from istr.engine.rundir import RunDirError
-from istr.engine.train import NonFiniteLossError, build_optimizer, lr_factor, train
+from istr.engine.step import NonFiniteLossError
+from istr.engine.train import train
 
 from .conftest import free_port
 

@@ -17,7 +17,8 @@ from istr.data.build import check_dataset, ensure_dataset
 from istr.data.checks import check_images
 from istr.data.coco import DatasetError
 from istr.data.synth import MARKER, NotOurFolderError, generate_synthetic_coco
-from istr.engine.train import schedule_steps, train
+from istr.engine.optim import schedule_steps
+from istr.engine.train import train
 
 from .conftest import REPO
 

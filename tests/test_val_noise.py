@@ -3,7 +3,6 @@ MDE widened by the variance of those redraws, and the footnotes saying which met
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -12,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from scipy import stats
 
 from analysis.load import normalize
@@ -22,6 +19,7 @@ from analysis.tables import P_COL, P_VAL_COL, VAL_SD_COL, axis_table, code_note,
 from analysis.val_noise import DRAW_SEED, IMAGE_DRAWS, image_draws, image_weights
 from istr.eval_images import compact_records, load_records, save_records, weighted_ap
 from istr.results import COLUMNS, EVAL_IMAGES_FILE, METRICS, SUMMARY_FILE
+from tests.conftest import box_evaluation
 
 AXIS = "novel"
 DEFAULTS = {AXIS: "base"}
@@ -33,30 +31,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def _records(noise: float, seed: int, n_images: int = N_IMAGES) -> dict[str, np.ndarray]:
     """Per-image records of COCOeval (bbox) on one fixed ground truth, detections jittered by `noise`."""
-    gt_rng, rng = np.random.default_rng(123), np.random.default_rng(1000 + seed + int(10 * noise))
-    images, annotations, detections = [], [], []
-    for image_id in range(1, n_images + 1):
-        images.append({"id": image_id, "width": 100, "height": 100})
-        for _ in range(gt_rng.integers(1, 4)):
-            x, y, w, h = gt_rng.uniform(0, 60, 2).tolist() + gt_rng.uniform(10, 40, 2).tolist()
-            category = int(gt_rng.integers(1, 3))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
-            if rng.random() < 0.85:
-                j = rng.normal(0, noise, 4)
-                detections.append({"image_id": image_id, "category_id": category, "score": float(rng.random()),
-                                   "bbox": [x + j[0], y + j[1], abs(w + j[2]), abs(h + j[3])]})  # fmt: skip
-        if rng.random() < 0.5:
-            detections.append({"image_id": image_id, "category_id": int(rng.integers(1, 3)),
-                               "score": float(rng.random()), "bbox": rng.uniform(0, 60, 4).tolist()})  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "annotations": annotations,
-                      "categories": [{"id": c, "name": str(c)} for c in (1, 2)]}  # fmt: skip
-        gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
-        evaluator.evaluate()
-    return compact_records(evaluator)
+    return compact_records(box_evaluation(123, 1000 + seed + int(10 * noise), n_images, noise, categories=2))
 
 
 def _cell(root: Path, arm: str, seed: int, records: dict[str, np.ndarray], commit: str | None = COMMIT) -> dict:

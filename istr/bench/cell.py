@@ -27,8 +27,10 @@ from istr.codecs.fit import fit_or_load_codec
 from istr.config import Config, load_config
 from istr.data.build import build_dataset, build_train_loader, ensure_dataset, split_paths
 from istr.engine.memory import keep_freed_memory
+from istr.engine.optim import build_optimizer
 from istr.engine.precision import use_amp
-from istr.engine.train import TrainState, build_optimizer, seed_everything, train_step
+from istr.engine.step import TrainState, train_step
+from istr.engine.train import seed_everything
 from istr.io import atomic_write_json
 from istr.losses import build_criterion, loss_weights
 from istr.matcher import build_matcher

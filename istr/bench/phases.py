@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from istr.bench.compare import Bench
+    from istr.bench.units import Bench
 
 
 def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a CUDA time is otherwise only the launch's."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -61,8 +62,15 @@ class PhaseTimer:
 
 
 def istr_train_phases(b: Bench) -> tuple[dict[str, float], float]:
-    """One instrumented ISTR train step (same work as ``train_step``) -> ({phase: ms}, total ms)."""
-    from istr.losses import weighted_sum
+    """One instrumented ISTR train step -> ({phase: ms}, total ms).
+
+    It runs the parts of the engine's ``train_step`` (istr/engine/step.py), one timed phase each, as
+    ``train_step`` itself runs them back to back in one call, with no boundary to synchronise and time. Two things
+    of ``train_step`` are left out: copying the batch to the device (``Bench`` holds it there already, so the phases
+    time the model's work) and the rank-averaged finiteness check with its metrics (one process; ``float(loss)``
+    synchronises as the check does).
+    """
+    from istr.engine.step import backward, forward, optimizer_step, weighted_loss
     from istr.targets import prepare_targets
 
     t, model, state = PhaseTimer(b.device), b.model, b.state
@@ -75,18 +83,15 @@ def istr_train_phases(b: Bench) -> tuple[dict[str, float], float]:
         start = time.perf_counter()
         with t("targets"):
             targets = prepare_targets(b.istr_batch["targets"], b.sizes, b.codec, b.device)
-        with t("forward"), b._autocast():
-            outputs = model(b.images, b.sizes)
+        with t("forward"):
+            outputs = forward(state, b.images, b.sizes)
         with t("criterion+matcher"):
-            loss = weighted_sum(b.criterion(outputs, targets), state.weights)
+            loss, _ = weighted_loss(state, outputs, targets)
             float(loss.detach())
         with t("backward"):
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            backward(state, loss)
         with t("optimizer"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad_norm)
-            state.optimizer.step()
-            state.scheduler.step()
+            optimizer_step(state)
         sync_device(b.device)
         total = 1000 * (time.perf_counter() - start)
     finally:

@@ -1,4 +1,8 @@
-"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (docs/method.md#evaluation)."""
+"""COCO evaluation (bbox + segm) with pycocotools' COCOeval -> eval.json in percent (docs/method.md#evaluation).
+
+:func:`evaluate_run` is the one evaluation of a run: the end of ``istr train``, its ``train.eval_every`` evaluations
+and ``istr eval`` all write the same files the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import copy
 import io
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -15,11 +20,15 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from istr.engine.precision import autocast
+from istr.codecs import MaskCodec
+from istr.config import Config
+from istr.data.build import build_dataset, build_eval_loader
+from istr.engine.precision import autocast, use_amp
 from istr.engine.rle import encode_masks
-from istr.eval_images import compact_records
+from istr.eval_images import compact_records, save_records
+from istr.io import atomic_write_json, atomic_write_text
 from istr.model.inference import postprocess
-from istr.results import AP_NAMES, IOU_TYPES
+from istr.results import AP_NAMES, EVAL_FILE, EVAL_IMAGES_FILE, EVAL_TEXT_FILE, IOU_TYPES
 
 
 def to_coco_results(prediction: dict, image_id: int, category_ids: list[int]) -> list[dict]:
@@ -123,3 +132,36 @@ def coco_evaluate(coco_gt: COCO, results: list[dict]) -> CocoEvaluation:
             for name, value in zip(AP_NAMES, evaluator.stats[:6])
         }
     return CocoEvaluation(metrics, text.getvalue(), records)
+
+
+def evaluate_run(
+    cfg: Config,
+    model: torch.nn.Module,
+    codec: MaskCodec,
+    device: torch.device,
+    run_dir: Path,
+    detections_path: Path | None = None,
+) -> dict:
+    """COCOeval on the val split -> run_dir/eval.json (percent) and the per-image records (eval_images.npz); the
+    detections too, to ``detections_path``."""
+    val_set = build_dataset(cfg.data, "val", train=False)
+    loader = build_eval_loader(val_set, cfg.data, cfg.eval.batch_size)
+    results = predict_dataset(
+        model,
+        codec,
+        loader,
+        device,
+        val_set.category_ids,
+        cfg.eval.max_detections,
+        cfg.eval.mask_threshold,
+        cfg.logging.progress,
+        use_amp(device, cfg.train.amp),
+    )
+    if detections_path is not None:
+        atomic_write_json(detections_path, results)
+    evaluation = coco_evaluate(val_set.coco, results)
+    atomic_write_json(run_dir / EVAL_FILE, evaluation.metrics)
+    atomic_write_text(run_dir / EVAL_TEXT_FILE, evaluation.summary)
+    if evaluation.segm_records is not None:
+        save_records(run_dir / EVAL_IMAGES_FILE, evaluation.segm_records)
+    return evaluation.metrics

@@ -10,7 +10,7 @@ each ``train.eval_every`` evaluation the child appends to ``metrics.jsonl`` to O
 
 A SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (scancel, preemption) to the worker is
 passed on to the child, which checkpoints the step it is on and exits ``PREEMPTED_EXIT``
-(istr/engine/train.py); the trial then fails with reason ``preempted`` and the runner queues its cell
+(istr/engine/preemption.py); the trial then fails with reason ``preempted`` and the runner queues its cell
 again at once (:class:`Preemption`), to resume from that checkpoint on any worker.
 
 The child's W&B run is named ``<axis>/<arm>/s<seed>`` and tagged with the axis, arm, seed, study and
@@ -38,8 +38,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from istr.config import ConfigError, load_config
+from istr.engine.preemption import PREEMPT_SIGNALS, PREEMPTED_EXIT
 from istr.engine.rundir import claim_run_dir, marker
-from istr.engine.train import PREEMPT_SIGNALS, PREEMPTED_EXIT
 from istr.io import atomic_write_json
 from istr.results import CHECKPOINT_FILE, EVAL_FILE, METRICS_FILE, TRAIN_LOG, TRIAL_RECORD, arm_name, flat_metrics
 from istr.sweep.archive import archive_cell, archived
