@@ -24,7 +24,7 @@ from istr.config import Config, load_config
 from istr.engine.train import check_arms
 from istr.losses import MASK_LOSSES, MaskTerm, SetCriterion, loss_weights, weighted_sum
 from istr.matcher import MASK_COSTS, HungarianMatcher
-from istr.model.head import ATTENTIONS, DynamicConv, ISTRStage
+from istr.model.head import ATTENTIONS, DynamicConv, ISTRStage, QuerySelfAttention, StageAttention
 from istr.registry import UnknownArmError
 from istr.sweep.runner import grid_cells
 from istr.sweep.spec import SpecError
@@ -75,7 +75,7 @@ ENTRIES: dict[str, Any] = {
     "embedding": ThrowawayCodec,
     "mask_cost": throwaway_mask_cost,
     "loss": {"loss_mask_throwaway": MaskTerm(throwaway_mask_loss)},
-    "attention": (True, ThrowawayInteraction),
+    "attention": StageAttention(QuerySelfAttention, ThrowawayInteraction),
 }
 NEW_VALUES = {"embedding_dim": 24}  # an axis of plain values: a new arm is its value alone
 

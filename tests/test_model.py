@@ -16,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from istr.model import ISTR
 from istr.model.backbone import BackboneFPN
-from istr.model.head import ATTENTIONS, DynamicConv, StaticConv, apply_deltas
+from istr.model.head import ATTENTIONS, DynamicConv, QuerySelfAttention, StaticConv, apply_deltas
 
 from .conftest import CODE_DIM, NUM_CLASSES, make_model, num_params
 
@@ -104,15 +104,26 @@ def test_roi_pooling_does_not_depend_on_the_first_batch(tiny_cfg):
 
 def test_attention_variants_structure(tiny_cfg):
     for stage in make_model(tiny_cfg, attention="self+dynamic").stages:
-        assert stage.self_attn is not None and type(stage.interaction) is DynamicConv
+        assert isinstance(stage.query_attention, QuerySelfAttention) and type(stage.interaction) is DynamicConv
         assert hasattr(stage.interaction, "dynamic_layer")
     for stage in make_model(tiny_cfg, attention="self").stages:
-        assert stage.self_attn is not None and type(stage.interaction) is StaticConv
-        assert not hasattr(stage.interaction, "dynamic_layer")
+        assert isinstance(stage.query_attention, QuerySelfAttention) and type(stage.interaction) is StaticConv
+        assert not hasattr(stage.interaction, "dynamic_layer")  # never built: nothing is made and then deleted
         assert stage.interaction.first.shape == (32, 8) and stage.interaction.second.shape == (8, 32)
     for stage in make_model(tiny_cfg, attention="dynamic").stages:
-        assert stage.self_attn is None and stage.norm_attn is None
+        assert stage.query_attention is None
         assert type(stage.interaction) is DynamicConv
+
+
+def test_a_checkpoint_from_before_the_query_attention_module_loads(tiny_cfg):
+    """Its self-attention and norm were the stage's ``self_attn`` and ``norm_attn``: renamed on load."""
+    model = make_model(tiny_cfg, attention="self+dynamic")
+    renamed = {k.replace("query_attention.attn.", "self_attn.").replace("query_attention.norm.", "norm_attn."): v
+               for k, v in model.state_dict().items()}  # fmt: skip
+    assert any(".self_attn." in k for k in renamed) and any(".norm_attn." in k for k in renamed)
+    fresh = make_model(tiny_cfg, attention="self+dynamic")
+    fresh.load_state_dict(renamed)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_attention_variants_parameter_counts(tiny_cfg):

@@ -1,11 +1,13 @@
 """One refinement stage of ISTR: self-attention + dynamic attention + FFN + heads (docs/method.md#architecture).
 
-The attention type is an ablation axis (docs/method.md#ablations), chosen from ``ATTENTIONS``.
+The attention type is an ablation axis (docs/method.md#ablations): ``ATTENTIONS`` names, per arm, the module the
+queries attend to each other with (or none) and the module a query reads its RoI with.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,21 +52,45 @@ class _SplitLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-class DynamicConv(nn.Module):
-    """Dynamic attention of a query to its RoI (docs/method.md#architecture, Sparse R-CNN's DynamicConv).
+class RoIInteraction(nn.Module):
+    """A query reads its own RoI (docs/method.md#architecture): two 1x1 convs (d -> dynamic_dim -> d) over the
+    RoI features, each followed by LayerNorm + ReLU, then flatten + Linear to d.
 
-    A linear layer turns the query feature into the parameters of two 1x1 convs
-    (d -> dynamic_dim -> d) applied to that query's RoI features, then flatten + Linear to d.
+    Subclasses say where the convs' parameters come from: ``make_conv_params`` creates them (first, so that
+    ``DynamicConv`` initialises in Sparse R-CNN's order) and ``conv_params`` gives each query's pair.
     """
 
     def __init__(self, hidden_dim: int, dynamic_dim: int, pooler_resolution: int) -> None:
         super().__init__()
         self.hidden_dim, self.dynamic_dim = hidden_dim, dynamic_dim
-        self.dynamic_layer = nn.Linear(hidden_dim, 2 * hidden_dim * dynamic_dim)
+        self.make_conv_params()
         self.norm1 = nn.LayerNorm(dynamic_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim)
+
+    def make_conv_params(self) -> None:
+        raise NotImplementedError
+
+    def conv_params(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """queries [N, d] -> the two convs' weights per query, [N, d, dynamic_dim] and [N, dynamic_dim, d]."""
+        raise NotImplementedError
+
+    def forward(self, queries: Tensor, roi_features: Tensor) -> Tensor:
+        """queries [N, d], roi_features [N, S*S, d] -> [N, d]."""
+        first, second = self.conv_params(queries)
+        # in-place ReLUs: LayerNorm's backward needs its input, not its output; saves a [N, S*S, d] tensor
+        x = torch.relu_(self.norm1(torch.bmm(roi_features, first)))
+        x = torch.relu_(self.norm2(torch.bmm(x, second)))
+        return torch.relu_(self.norm3(self.out_layer(x.flatten(1))))
+
+
+class DynamicConv(RoIInteraction):
+    """Dynamic attention of a query to its RoI (Sparse R-CNN's DynamicConv): a linear layer turns the query
+    feature into the parameters of the two 1x1 convs."""
+
+    def make_conv_params(self) -> None:
+        self.dynamic_layer = nn.Linear(self.hidden_dim, 2 * self.hidden_dim * self.dynamic_dim)
 
     def conv_params(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         size = self.hidden_dim * self.dynamic_dim
@@ -76,27 +102,17 @@ class DynamicConv(nn.Module):
             first, second = _SplitLinear.apply(queries, self.dynamic_layer.weight, self.dynamic_layer.bias, size)
         return first.view(-1, self.hidden_dim, self.dynamic_dim), second.view(-1, self.dynamic_dim, self.hidden_dim)
 
-    def forward(self, queries: Tensor, roi_features: Tensor) -> Tensor:
-        """queries [N, d], roi_features [N, S*S, d] -> [N, d]."""
-        first, second = self.conv_params(queries)
-        # in-place ReLUs: LayerNorm's backward needs its input, not its output; saves a [N, S*S, d] tensor
-        x = torch.relu_(self.norm1(torch.bmm(roi_features, first)))
-        x = torch.relu_(self.norm2(torch.bmm(x, second)))
-        return torch.relu_(self.norm3(self.out_layer(x.flatten(1))))
 
-
-class StaticConv(DynamicConv):
-    """The ``self`` arm's RoI fusion: the same two 1x1 convs with static learned weights.
+class StaticConv(RoIInteraction):
+    """The ``self`` arm's RoI read: the same two 1x1 convs with static learned weights.
 
     Without dynamic attention a query still needs its RoI, so the parameters are plain
     learnable tensors shared by all queries instead of being generated from the query feature.
     """
 
-    def __init__(self, hidden_dim: int, dynamic_dim: int, pooler_resolution: int) -> None:
-        super().__init__(hidden_dim, dynamic_dim, pooler_resolution)
-        del self.dynamic_layer
-        self.first = nn.Parameter(torch.empty(hidden_dim, dynamic_dim))
-        self.second = nn.Parameter(torch.empty(dynamic_dim, hidden_dim))
+    def make_conv_params(self) -> None:
+        self.first = nn.Parameter(torch.empty(self.hidden_dim, self.dynamic_dim))
+        self.second = nn.Parameter(torch.empty(self.dynamic_dim, self.hidden_dim))
         nn.init.kaiming_uniform_(self.first, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.second, a=math.sqrt(5))
 
@@ -105,12 +121,36 @@ class StaticConv(DynamicConv):
         return self.first.expand(n, -1, -1), self.second.expand(n, -1, -1)
 
 
-# name -> (multi-head self-attention among queries?, query-to-RoI interaction module)
-ATTENTIONS: dict[str, tuple[bool, type[DynamicConv]]] = {
-    "self+dynamic": (True, DynamicConv),
-    "self": (True, StaticConv),
-    "dynamic": (False, DynamicConv),
+class QuerySelfAttention(nn.Module):
+    """Multi-head self-attention among a stage's queries, with its residual and LayerNorm: [B, k, d] -> [B, k, d]."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: Tensor) -> Tensor:
+        attended = self.attn(queries, queries, queries, need_weights=False)[0]
+        return self.norm(queries + self.dropout(attended))
+
+
+@dataclass(frozen=True)
+class StageAttention:
+    """An attention arm: how the queries attend to each other (a module built as ``(hidden_dim, num_heads,
+    dropout)``, [B, k, d] -> [B, k, d]; None: they do not) and how a query reads its RoI."""
+
+    query_attention: type[nn.Module] | None
+    roi_interaction: type[RoIInteraction]
+
+
+ATTENTIONS: dict[str, StageAttention] = {
+    "self+dynamic": StageAttention(QuerySelfAttention, DynamicConv),
+    "self": StageAttention(QuerySelfAttention, StaticConv),
+    "dynamic": StageAttention(None, DynamicConv),
 }
+# state-dict names before the query attention was its own module, so that older checkpoints still load
+_RENAMED = {"self_attn.": "query_attention.attn.", "norm_attn.": "query_attention.norm."}
 
 
 def _mlp_tower(dim: int, layers: int, activation: type[nn.Module]) -> nn.Sequential:
@@ -160,14 +200,9 @@ class ISTRStage(nn.Module):
         prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
-        use_self_attention, interaction = pick(ATTENTIONS, attention, "model.attention")
-        self.self_attn = (
-            nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
-            if use_self_attention
-            else None
-        )
-        self.norm_attn = nn.LayerNorm(hidden_dim) if use_self_attention else None
-        self.interaction = interaction(hidden_dim, dynamic_dim, pooler_resolution)
+        arm = pick(ATTENTIONS, attention, "model.attention")
+        self.query_attention = arm.query_attention(hidden_dim, num_heads, dropout) if arm.query_attention else None
+        self.interaction = arm.roi_interaction(hidden_dim, dynamic_dim, pooler_resolution)
         self.norm_interaction = nn.LayerNorm(hidden_dim)
         self.ffn = nn.Sequential(
             nn.Linear(hidden_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, hidden_dim)
@@ -184,13 +219,13 @@ class ISTRStage(nn.Module):
         nn.init.constant_(self.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(self.box_deltas.weight)
         nn.init.zeros_(self.box_deltas.bias)
+        self._register_load_state_dict_pre_hook(_rename_old_keys)
 
     def forward(self, queries: Tensor, roi_features: Tensor, boxes: Tensor) -> dict[str, Tensor]:
         """queries [B,k,d], roi_features [B*k, S*S, d], boxes [B,k,4] (detached) -> stage outputs."""
         batch, k, dim = queries.shape
-        if self.self_attn is not None:
-            attended = self.self_attn(queries, queries, queries, need_weights=False)[0]
-            queries = self.norm_attn(queries + self.dropout(attended))
+        if self.query_attention is not None:
+            queries = self.query_attention(queries)
         flat = queries.reshape(batch * k, dim)
         flat = self.norm_interaction(flat + self.dropout(self.interaction(flat, roi_features)))
         flat = self.norm_ffn(flat + self.dropout(self.ffn(flat)))
@@ -202,3 +237,11 @@ class ISTRStage(nn.Module):
             "boxes": new_boxes.view(batch, k, 4),
             "codes": self.code_head(self.mask_tower(flat)).view(batch, k, -1),
         }
+
+
+def _rename_old_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Load a checkpoint written before ``query_attention`` held the self-attention and its norm."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in _RENAMED.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
