@@ -14,7 +14,6 @@ half-width, SD and n as separate columns). Default arms: the base preset's value
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,23 +22,34 @@ from typing import Any
 import pandas as pd
 
 from analysis.load import load_codec_report, results_from_cli
+from analysis.notes import (
+    ARM_SD,
+    AXIS_NOTES,
+    DASH,
+    FOOTNOTES,
+    MISSING,
+    NO_TEST,
+    NO_VAL,
+    SEEDS_ONLY,
+    code_note,
+    codec_val_note,
+    mde_target_note,
+    seed_note,
+    val_note,
+)
+from analysis.render import to_markdown, write_table
 from analysis.stats import (
-    ALPHA,
-    POWER,
     arm_order,
     default_arm,
     describe,
     effective_sd,
     mde,
-    needed_n,
     paired_vs_default,
     seed_mean_draws,
     val_variance,
 )
 from analysis.val_noise import ImageDraws, image_draws
 from istr.axes import CODEC_AXES  # the axes whose arms are (codec type, dim) pairs
-from istr.io import atomic_write_text
-from istr.results import SUMMARY_FILE
 
 METRIC_COLUMNS: dict[str, str] = {
     "segm_AP": "mask AP",
@@ -58,31 +68,8 @@ VAL_SD_COL = "val SD"
 MDE_COL = "MDE"
 HOURS_COL = "CPU/GPU-hours"
 IPS_COL = "img/s"
-DASH = "—"
-MISSING = "†"  # footnote marker: missing value
-NO_TEST = "‡"  # footnote marker: fewer than 2 (paired) seeds
-ARM_SD = "§"  # footnote marker: MDE from the arm's own seed SD
-NO_VAL = "¶"  # footnote marker: no per-image val records
 BASE = "(base)"
-FOOTNOTES = {
-    MISSING: "missing: no completed trial with a defined value (failed, unfinished or undefined metric); never zero.",
-    NO_TEST: "fewer than 2 seeds (paired with the default arm, for p): no test, SD or MDE; or identical paired "
-    "differences (no p).",
-    ARM_SD: "MDE from the arm's own seed SD over its n seeds (and its mean's val-image variance, where counted): it "
-    "has no paired differences (the default arm itself, or no seed in common with it).",
-    NO_VAL: "no val SD: not every cell of this table kept per-image val records (eval_images.npz).",
-}
 DEFAULT_SUFFIX = " (default)"
-AXIS_NOTES = [
-    "Cells: mean ± 95% CI half-width (t-distribution, n−1 df); bold = best mean per column.",
-    "Δ and p: paired over matching seeds vs the default arm; two-sided.",
-    f"seed SD: SD of mask AP over the arm's seeds. val SD: SD of Δ (of the mean, for the default arm) over the "
-    f"redraws of the val images. MDE: the smallest true Δ mask AP that a two-sided paired t-test at α = {ALPHA} "
-    f"detects with power {POWER} at the n of pairs used (noncentral t): d(n) × the SD of the paired differences vs "
-    "the default arm, √(s² + n·σ²_img) when val images are counted.",
-]
-SEEDS_ONLY = "Uncertainty covers seeds only: these results carry no per-image records."
-NO_SEED_RULE = "Seeds: no seed rule recorded with these results (istr ablate writes seed_rule.json); n as shown."
 CODEC_ORDER = ("pca", "dct", "sparse", "ae")
 
 
@@ -102,50 +89,6 @@ def _fmt_num(value: float, digits: int, absent: str) -> str:
     return DASH + absent if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def seed_note(seed_rule: Mapping[str, Any] | None, axis: str) -> str:
-    """The footnote that states the seed rule declared before the run and the n it reached on `axis`."""
-    if seed_rule is None:
-        return NO_SEED_RULE
-    reached = (seed_rule.get("n_reached") or {}).get(axis)
-    return f"Seeds, rule declared before the run: {seed_rule['rule']}" + (
-        f" n reached: {reached}." if reached is not None else ""
-    )
-
-
-def _code_version(run_dir: Any) -> tuple[str, bool] | None:
-    """(commit, trained with local changes) from a run dir's train_summary.json; None when not recorded."""
-    if pd.isna(run_dir):
-        return None
-    try:
-        version = json.loads((Path(str(run_dir)) / SUMMARY_FILE).read_text(encoding="utf-8")).get("code_version")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(version, dict) or not isinstance(version.get("commit"), str) or not version["commit"]:
-        return None
-    return version["commit"], version.get("dirty") is True
-
-
-def code_note(df: pd.DataFrame) -> str:
-    """The footnote naming the commits that trained the cells of `df` (train_summary.json's code_version): a
-    table compares arms fairly only when they ran the same code."""
-    dirty: dict[str, bool] = {}
-    unrecorded = 0
-    for run_dir in df.dropna(subset=["cell_id"]).drop_duplicates("cell_id")["run_dir"]:
-        version = _code_version(run_dir)
-        if version is None:
-            unrecorded += 1
-        else:
-            dirty[version[0]] = dirty.get(version[0], False) or version[1]
-    if not dirty:
-        return "Code version: not recorded."
-    named = [commit[:12] + (" (with local changes)" if dirty[commit] else "") for commit in sorted(dirty)]
-    if len(named) == 1 and not unrecorded:
-        return f"Code: every cell trained at commit {named[0]}."
-    plural = "s" if len(named) > 1 else ""
-    rest = f", and {unrecorded} cell{'s' if unrecorded > 1 else ''} with no recorded version" if unrecorded else ""
-    return f"Code: cells from {len(named)} commit{plural}: {', '.join(named)}{rest}; a table should come from one."
-
-
 def _table_draws(sub: pd.DataFrame, val_draws: ImageDraws | None) -> tuple[ImageDraws | None, str]:
     """The val-image draws a table uses: those of its cells (with a mask AP) when every one has them, so that one
     method covers all its arms; else None and the note saying the table covers seeds only, and why."""
@@ -158,28 +101,6 @@ def _table_draws(sub: pd.DataFrame, val_draws: ImageDraws | None) -> tuple[Image
         return None, SEEDS_ONLY
     return None, (f"Uncertainty covers seeds only: {missing} of {len(cells)} cells carry no per-image records "
                   "(eval_images.npz), and one method covers all arms of a table.")  # fmt: skip
-
-
-def _n_draws(draws: ImageDraws) -> int:
-    return len(next(iter(draws.values())))
-
-
-def _val_note(draws: ImageDraws) -> str:
-    n_draws = _n_draws(draws)
-    return (
-        f"Uncertainty covers seeds and val images: SE² = s²/n + σ²_img, σ²_img = variance of the seed-averaged Δ over "
-        f"{n_draws} bootstrap redraws of the {draws.n_images} val images (the same draws for every cell); t with n−1 "
-        "df. Conservative: the seed×image part is counted in both terms. The mask AP CI adds σ²_img of the arm's "
-        "seed mean likewise; the other AP columns cover seeds only."
-    )
-
-
-def _codec_val_note(draws: ImageDraws) -> str:
-    return (
-        f"Uncertainty of the trained mask AP covers seeds and val images: SE² = s²/n + σ²_img, σ²_img = variance of "
-        f"the seed mean over {_n_draws(draws)} bootstrap redraws of the {draws.n_images} val images; box AP covers "
-        "seeds only."
-    )
 
 
 def _mde_numbers(paired: pd.Series, own: dict[str, float], own_var: float) -> dict[str, Any]:
@@ -276,7 +197,7 @@ def axis_table(
         "footnotes": {m: t for m, t in FOOTNOTES.items() if m in used},
         "notes": [
             *AXIS_NOTES,
-            seeds_only if draws is None else _val_note(draws),
+            seeds_only if draws is None else val_note(draws),
             code_note(sub),
             seed_note(seed_rule, axis),
             *([mde_target_note(numbers, mde_target)] if mde_target else []),
@@ -284,18 +205,6 @@ def axis_table(
         "numbers": numbers,
     }
     return table
-
-
-def mde_target_note(numbers: list[dict[str, Any]], target: float) -> str:
-    """Whether every arm's MDE reaches `target` AP; if not, which arms miss it, and the n of pairs that would
-    reach it at the SD each arm measured (`stats.needed_n`)."""
-    missed = [(num["arm"], num["mde_segm_AP"], needed_n(target, num["mde_sd"])) for num in numbers
-              if math.isfinite(num["mde_segm_AP"]) and num["mde_segm_AP"] > target]  # fmt: skip
-    if not missed:
-        return f"MDE target {target:g} AP: every arm with an MDE reaches it."
-    arms = "; ".join(f"{arm} {size:.1f} AP (about {n} seeds would reach it)" for arm, size, n in missed)
-    return (f"MDE target {target:g} AP, not reached at this n: {arms}. At these seed and val-image SDs, "
-            "the seeds the budget allowed can only separate larger differences.")
 
 
 def _best_labels(means: dict[str, dict[str, float]], columns) -> dict[str, list[str]]:
@@ -375,84 +284,12 @@ def codec_table(
             "recon IoU: mean mask IoU of decode(encode(m)) vs m on 28x28 box crops; oracle mask AP: COCOeval of "
             "GT boxes with codec-reconstructed GT masks (what a perfect regressor reaches with this codec).",
             "trained: mean ± 95% CI half-width (t-distribution, n−1 df); bold = best per column.",
-            seeds_only if draws is None else _codec_val_note(draws),
+            seeds_only if draws is None else codec_val_note(draws),
             code_note(sub),
         ],
         "numbers": numbers,
     }
     return table
-
-
-def _is_best(table: pd.DataFrame, label: str, col: str) -> bool:
-    return label in table.attrs.get("best", {}).get(col, [])
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A hand-written GitHub pipe table; best means in `**bold**`, footnotes below."""
-    header = [table.index.name or "arm", *table.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(table.columns)) + "|"]
-    for label, row in table.iterrows():
-        cells = [f"**{v}**" if _is_best(table, label, col) else str(v) for col, v in row.items()]
-        lines.append("| " + " | ".join([str(label), *cells]).replace("\n", " ") + " |")
-    notes = [f"{m} {t}" for m, t in table.attrs.get("footnotes", {}).items()]
-    notes.extend(table.attrs.get("notes", []))
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-
-
-_LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-}  # fmt: skip
-
-
-def _latex(text: str) -> str:
-    out = "".join(_LATEX_ESCAPES.get(c, c) for c in str(text))
-    return (
-        out.replace("±", r"$\pm$")
-        .replace("Δ", r"$\Delta$")
-        .replace(DASH, "---")
-        .replace(MISSING, r"\textsuperscript{\dag}")
-        .replace(NO_TEST, r"\textsuperscript{\ddag}")
-        .replace(ARM_SD, r"\textsuperscript{\S}")
-        .replace(NO_VAL, r"\textsuperscript{\P}")
-        .replace("σ", r"$\sigma$")
-        .replace("²", r"\textsuperscript{2}")
-        .replace("√", r"$\surd$")
-        .replace("·", r"$\cdot$")
-        .replace("−", "-")
-        .replace("α", r"$\alpha$")
-        .replace("×", r"$\times$")
-        .replace("<", r"$<$")
-    )
-
-
-def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular via `Styler.to_latex(hrules=True)`; best means in `\\textbf{}`, footnotes and notes after
-    it."""
-    body = {}
-    for col in table.columns:
-        body[_latex(col)] = [
-            rf"\textbf{{{_latex(v)}}}" if _is_best(table, label, col) else _latex(v) for label, v in table[col].items()
-        ]
-    out = pd.DataFrame(body, index=[_latex(lab) for lab in table.index])
-    tex = out.style.to_latex(hrules=True, column_format="l" + "r" * len(out.columns))
-    notes = [_latex(f"{m} {t}") for m, t in table.attrs.get("footnotes", {}).items()]
-    notes.extend(_latex(note) for note in table.attrs.get("notes", []))
-    if notes:
-        tex += "{\\footnotesize " + r" \\ ".join(notes) + "}\n"
-    return tex
-
-
-def to_csv(table: pd.DataFrame) -> str:
-    """The table's numbers (`attrs["numbers"]`), one row per table row: numeric columns, NaN left empty."""
-    return pd.DataFrame(table.attrs["numbers"]).to_csv(index=False)
-
-
-def _write(table: pd.DataFrame, out: Path, name: str) -> None:
-    """The table as .md, .tex and .csv, each written atomically: an interrupted run leaves no half table."""
-    atomic_write_text(out / f"{name}.md", to_markdown(table))
-    atomic_write_text(out / f"{name}.tex", to_latex(table))
-    atomic_write_text(out / f"{name}.csv", to_csv(table))
 
 
 def write_tables(
@@ -475,7 +312,7 @@ def write_tables(
     if codecs is not None:
         tables["codec_upper_bound"] = codecs
     for name, table in tables.items():
-        _write(table, out, name)
+        write_table(table, out, name)
     return tables
 
 

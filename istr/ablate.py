@@ -280,7 +280,7 @@ def ablate_command(args: argparse.Namespace) -> None:
     """The axis sweeps (fixed or ``--seeds auto`` seeds, module docstring), then the tables and figures."""
     from analysis import plots, tables
     from analysis.load import load_codec_report
-    from analysis.tables import CODEC_AXES
+    from istr.axes import CODEC_AXES
     from istr.reports.codec import codec_upper_bounds
     from istr.reports.overlays import write_overlays
     from istr.sweep.spec import resolve_preset

@@ -13,8 +13,10 @@ import pytest
 from scipy import stats
 
 from analysis.load import COLUMNS, NoResultsError, load_results, normalize, read_axes
+from analysis.notes import DASH
+from analysis.render import to_csv, to_latex, to_markdown
 from analysis.stats import default_arm, mde, needed_n, paired_vs_default, summarize
-from analysis.tables import DASH, axis_table, main, to_csv, to_latex, to_markdown
+from analysis.tables import axis_table, main
 from istr.config import load_config
 from istr.results import METRICS
 from tests.conftest import REPO
@@ -335,7 +337,7 @@ def test_cli_prints_sd_and_mde_and_reads_seed_rule(tmp_path: Path, capsys: pytes
 
 
 def test_mde_target_note_names_the_arms_above_it_and_the_seeds_they_need() -> None:
-    from analysis.tables import mde_target_note
+    from analysis.notes import mde_target_note
 
     numbers = [{"arm": "a (default)", "mde_segm_AP": 1.2, "mde_sd": 0.5},
                {"arm": "b", "mde_segm_AP": 4.0, "mde_sd": 2.4}, {"arm": "c", "mde_segm_AP": math.nan, "mde_sd": 1.0}]

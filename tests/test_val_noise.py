@@ -14,8 +14,10 @@ import pytest
 from scipy import stats
 
 from analysis.load import normalize
+from analysis.notes import code_note
+from analysis.render import to_csv, to_latex
 from analysis.stats import describe, effective_sd, mde, paired_vs_default
-from analysis.tables import P_COL, P_VAL_COL, VAL_SD_COL, axis_table, code_note, to_csv, to_latex, write_tables
+from analysis.tables import P_COL, P_VAL_COL, VAL_SD_COL, axis_table, write_tables
 from analysis.val_noise import DRAW_SEED, IMAGE_DRAWS, image_draws, image_weights
 from istr.eval_images import compact_records, load_records, save_records, weighted_ap
 from istr.results import COLUMNS, EVAL_IMAGES_FILE, METRICS, SUMMARY_FILE
