@@ -252,3 +252,38 @@ def test_sparse_dim_equal_atoms_keeps_full_code(train_masks: torch.Tensor) -> No
     stats = SparseCodec(dim=48, num_atoms=48, iterations=3).fit(train_masks)
     assert stats["mask_iou"] == pytest.approx(stats["sparse_mask_iou"], abs=0.01)
     assert 0 < stats["active_atoms"] <= 48
+
+
+def test_codes_have_unit_scale(fitted: Fitted, train_masks: torch.Tensor) -> None:
+    # Every codec's codes are whitened (PCA, sparse) or standardised (DCT, AE) on its fitting masks,
+    # so the L2 mask loss weighs them alike (docs/method.md#mask-embedding, "Standardised codes").
+    _, codec, _ = fitted
+    codes = codec.encode(train_masks).double()
+    torch.testing.assert_close(codes.mean(0), torch.zeros(DIM, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(codes.std(0), torch.ones(DIM, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in CODECS.items() if cls.standardize_codes])
+def test_standardizing_keeps_the_reconstruction(name: str, train_masks: torch.Tensor) -> None:
+    codec = build_codec(name, DIM, **CASES[name][0])
+    codec.fit(train_masks)
+    raw = codec._encode(train_masks[:50])
+    assert (raw.std(0) - 1).abs().max() > 0.5  # the raw codes are far from unit scale: the change does something
+    torch.testing.assert_close(codec.decode(codec.encode(train_masks[:50])), codec._decode(raw).view(-1, SIZE, SIZE),
+                               atol=1e-3, rtol=0)
+
+
+def test_codec_file_without_standardization_keeps_raw_codes(train_masks: torch.Tensor, tmp_path: Path) -> None:
+    # A DCT codec saved before codes were standardised: the run that wrote it trained on raw codes.
+    codec = DCTCodec(dim=DIM)
+    codec.fit(train_masks)
+    codec.save(tmp_path / "codec.pt")
+    payload = torch.load(tmp_path / "codec.pt", weights_only=True)
+    del payload["state"]["code_mean"], payload["state"]["code_scale"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_codec(tmp_path / "old.pt")
+    assert torch.equal(old.encode(train_masks[:9]), codec._encode(train_masks[:9]))
+    del payload["state"]["basis"]
+    torch.save(payload, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="broken.pt.*missing.*basis"):
+        load_codec(tmp_path / "broken.pt")

@@ -19,8 +19,11 @@ class AECodec(MaskCodec):
     then frozen: parameters get ``requires_grad=False`` so the ISTR optimizer
     skips them, while gradients still flow through ``decode`` to the codes.
     There is no BatchNorm/dropout, so train/eval mode does not change outputs.
-    Unlike PCA/DCT the codes are not normalised.
+    Its latents are then standardised per dimension on the fitting masks
+    (``MaskCodec.standardize_codes``), like PCA's whitened codes.
     """
+
+    standardize_codes = True
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ so ``.to(device)`` moves it and the ISTR optimizer never trains it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,15 @@ class MaskCodec(nn.Module):
     * ``decode(codes [n, dim]) -> [n, 28, 28]`` logits, differentiable w.r.t.
       ``codes`` (used inside the Dice term of docs/method.md#loss); ``logit > 0`` is
       the mask (probability > 0.5).
+
+    A codec with ``standardize_codes`` learns, in ``fit``, each code dimension's mean and SD on
+    the fitting masks, and its codes are standardised by them: zero mean and unit variance, as
+    PCA's whitened codes are. The L2 mask loss and the L2 matching cost (docs/method.md#loss)
+    then weigh every codec's codes alike; raw DCT coefficients (SD up to 38) or AE latents (SD
+    about 5) would outweigh the box terms many times over.
     """
+
+    standardize_codes: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -143,6 +151,10 @@ class MaskCodec(nn.Module):
         self.dim = dim
         self.params: dict[str, Any] = {"dim": dim, **params}
         self._fitted = False
+        if self.standardize_codes:
+            # Identity until fit, so an unfitted DCT codec gives raw coefficients.
+            self.register_buffer("code_mean", torch.zeros(dim))
+            self.register_buffer("code_scale", torch.ones(dim))
 
     @property
     def fitted(self) -> bool:
@@ -186,6 +198,8 @@ class MaskCodec(nn.Module):
         if bool((masks < 0).any() | (masks > 1).any()):
             raise ValueError(f"{type(self).__name__}.fit: mask values must lie in [0, 1]")
         stats = self._fit(masks)
+        if self.standardize_codes:
+            self._fit_code_standardization(masks)
         self._fitted = True
         self._freeze()
         return {
@@ -193,6 +207,14 @@ class MaskCodec(nn.Module):
             **stats,
             "mask_iou": self.reconstruction_iou(masks),
         }
+
+    @torch.no_grad()
+    def _fit_code_standardization(self, masks: Tensor, batch_size: int = 4096) -> None:
+        raw = torch.cat([self._encode(chunk) for chunk in masks.split(batch_size)]).double()
+        sd = raw.std(0)
+        # A constant dimension keeps scale 1 instead of dividing by zero.
+        self.code_mean.copy_(raw.mean(0))
+        self.code_scale.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
 
     @torch.no_grad()
     def reconstruction_iou(self, masks: Tensor, batch_size: int = 4096) -> float:
@@ -210,8 +232,10 @@ class MaskCodec(nn.Module):
     def encode(self, masks: Tensor) -> Tensor:
         """Masks ``[n, 28, 28]`` in [0, 1] -> embeddings ``[n, dim]`` (docs/method.md#mask-embedding)."""
         self._check_fitted()
-        masks = self._check_masks(masks)
-        return self._encode(masks)
+        codes = self._encode(self._check_masks(masks))
+        if self.standardize_codes:
+            codes = (codes - self.code_mean) / self.code_scale
+        return codes
 
     def decode(self, codes: Tensor) -> Tensor:
         """Embeddings ``[n, dim]`` -> mask logits ``[n, 28, 28]``, differentiable in ``codes``."""
@@ -219,7 +243,10 @@ class MaskCodec(nn.Module):
         if codes.dim() != 2 or codes.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__}: codes must be [n, {self.dim}], got {tuple(codes.shape)}")
         ref = self._reference_tensor()
-        logits = self._decode(codes.to(device=ref.device, dtype=ref.dtype))
+        codes = codes.to(device=ref.device, dtype=ref.dtype)
+        if self.standardize_codes:
+            codes = codes * self.code_scale + self.code_mean
+        logits = self._decode(codes)
         return logits.reshape(codes.shape[0], MASK_SIZE, MASK_SIZE)
 
     def _fit(self, masks: Tensor) -> dict[str, float]:
@@ -265,5 +292,12 @@ def load_codec(path: str | os.PathLike[str], map_location: str | torch.device = 
     if cls is None:
         raise ValueError(f"{path}: unknown codec type {payload['type']!r}; known: {sorted(_CODEC_CLASSES)}")
     codec = cls(**payload["params"])
-    codec.load_state_dict(payload["state"])
+    # A file saved before its codec standardised codes has no code_mean/code_scale: the run that
+    # wrote it trained on raw codes, so it keeps the identity standardisation it was built with.
+    keys = codec.load_state_dict(payload["state"], strict=False)
+    if keys.unexpected_keys or set(keys.missing_keys) - {"code_mean", "code_scale"}:
+        raise ValueError(
+            f"{path}: codec state does not fit {payload['type']}: "
+            f"missing {keys.missing_keys}, unexpected {keys.unexpected_keys}"
+        )
     return codec

@@ -33,11 +33,14 @@ class DCTCodec(MaskCodec):
     buffer, so encode/decode are plain matmuls and decode is differentiable.
     Like PCA we transform the inverse sigmoid of the mask (+-4.6 for binary
     masks) so that ``decode`` returns logits; with ``dim = 784`` the round trip
-    is exact. Codes are raw (unnormalised) coefficients: the DC term of a full
-    mask is about 28 * 4.6. Nothing is learned, so the codec is usable right
-    after construction; ``fit`` only reports stats (``energy_ratio``: share of
-    logit energy in the kept coefficients).
+    is exact. The raw coefficients differ in scale (the DC term of a full mask is
+    about 28 * 4.6), so ``fit`` standardises each to zero mean and unit variance on
+    the fitting masks (``MaskCodec.standardize_codes``) and reports
+    ``energy_ratio``: the share of logit energy in the kept coefficients. Before
+    ``fit`` the codec is usable with raw coefficients.
     """
+
+    standardize_codes = True
 
     def __init__(self, dim: int = 60) -> None:
         super().__init__(dim)

@@ -17,8 +17,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from istr.codecs import MASK_SIZE, MaskCodec, build_codec, load_codec
+from istr.codecs import CODECS, MASK_SIZE, MaskCodec, build_codec, load_codec
 from istr.io import atomic_write_json
+from istr.registry import pick
 from istr.targets import crop_masks
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ def fingerprint(annotation_file: Path, codec_cfg) -> str:
         "max_fit_masks": codec_cfg.max_fit_masks,
         "params": dict(codec_cfg.params),
     }
+    if pick(CODECS, codec_cfg.type, "codec.type").standardize_codes:
+        # Only these codecs' saved state changed when codes became standardised: other caches stay valid.
+        params["codes"] = "standardized"
     digest.update(json.dumps(params, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
