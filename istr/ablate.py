@@ -19,6 +19,7 @@ reports, none of which import each other.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -127,17 +128,25 @@ def declare_rule(args: argparse.Namespace, axes: list[str]) -> dict[str, Any]:
             "alpha": ALPHA, "power": POWER, "budget_hours": args.budget_hours, "workers": args.workers}  # fmt: skip
 
 
+@functools.cache
+def _grid(axis: str, preset: Path, seeds: int | None, sets: tuple[str, ...]) -> dict:
+    """One axis' cells by id, resolved once per run: the sweep's check and the tables read the same grid."""
+    from istr.sweep.runner import grid_cells
+
+    return grid_cells(axis, str(preset), seeds, sets)
+
+
 def _run_axes(
     args: argparse.Namespace, preset: Path, seeds: Mapping[str, int | None], studies: Mapping[str, str], archive: Path
 ) -> dict[str, dict]:
     """Each axis' sweep, unless every cell is archived; returns its cell counts
     (:func:`istr.sweep.records.status_counts`) by axis."""
     from istr.sweep.archive import archived
-    from istr.sweep.runner import grid_cells, run_sweep
+    from istr.sweep.runner import run_sweep
 
     counts = {}
     for axis, n in seeds.items():
-        cells = grid_cells(axis, str(preset), n, args.sets)
+        cells = _grid(axis, preset, n, tuple(args.sets))
         if all(archived(archive, cell_id) for cell_id in cells):
             counts[axis] = {"study": studies[axis], "total": len(cells), "done": len(cells), "running": 0,
                             "failed": 0, "stale": 0, "pending": 0, "running_cells": [], "archived": True}  # fmt: skip
@@ -178,11 +187,10 @@ def archived_results(
     arms as its grid has them (an arm with no finished cell yet has none in the frame)."""
     from analysis.load import NoResultsError, normalize
     from istr.sweep.records import archive_rows
-    from istr.sweep.runner import grid_cells
 
     rows, arms = [], {}
     for axis, n in seeds.items():
-        cells = grid_cells(axis, str(preset), n, args.sets)
+        cells = _grid(axis, preset, n, tuple(args.sets))
         arms[axis] = list(dict.fromkeys(cell.arm for cell in cells.values()))
         rows += archive_rows(studies[axis], axis, preset.stem, cells, archive)
     if not rows:
@@ -292,6 +300,7 @@ def ablate_command(args: argparse.Namespace) -> None:
     if args.tables_only and not isinstance(args.seeds, int):
         raise ConfigError("--tables-only needs the fixed --seeds N the cells were run with")
     started = time.monotonic()
+    _grid.cache_clear()  # specs and presets may have changed since an earlier command in this process
     preset = resolve_preset(args.preset or "tiny")
     axes = [a for a in args.axes.split(",") if a]
     defaults = axis_defaults(axes, preset, args.sets)
