@@ -72,24 +72,30 @@ def _code_version(run_dir: Any) -> tuple[str, bool] | None:
 
 
 def code_note(df: pd.DataFrame) -> str:
-    """The footnote naming the commits that trained the cells of `df` (train_summary.json's code_version): a
-    table compares arms fairly only when they ran the same code."""
+    """The footnote naming the commits that trained the cells of `df` (train_summary.json's code_version), and each
+    commit's arms when there are several: a table compares arms fairly only when they ran the same code."""
     dirty: dict[str, bool] = {}
+    arms: dict[str, set[str]] = {}
     unrecorded = 0
-    for run_dir in df.dropna(subset=["cell_id"]).drop_duplicates("cell_id")["run_dir"]:
+    cells = df.dropna(subset=["cell_id"]).drop_duplicates("cell_id")
+    for run_dir, arm in zip(cells["run_dir"], cells["arm"] if "arm" in cells else [None] * len(cells)):
         version = _code_version(run_dir)
         if version is None:
             unrecorded += 1
-        else:
-            dirty[version[0]] = dirty.get(version[0], False) or version[1]
+            continue
+        dirty[version[0]] = dirty.get(version[0], False) or version[1]
+        arms.setdefault(version[0], set()).update([str(arm)] if arm is not None and not pd.isna(arm) else [])
     if not dirty:
         return "Code version: not recorded."
-    named = [commit[:12] + (" (with local changes)" if dirty[commit] else "") for commit in sorted(dirty)]
+    named = {commit: commit[:12] + (" (with local changes)" if dirty[commit] else "") for commit in sorted(dirty)}
     if len(named) == 1 and not unrecorded:
-        return f"Code: every cell trained at commit {named[0]}."
+        return f"Code: every cell trained at commit {next(iter(named.values()))}."
+    if len(named) > 1:
+        named = {c: name + (f" ({', '.join(sorted(arms[c]))})" if arms[c] else "") for c, name in named.items()}
     plural = "s" if len(named) > 1 else ""
     rest = f", and {unrecorded} cell{'s' if unrecorded > 1 else ''} with no recorded version" if unrecorded else ""
-    return f"Code: cells from {len(named)} commit{plural}: {', '.join(named)}{rest}; a table should come from one."
+    return (f"Code: cells from {len(named)} commit{plural}: {'; '.join(named.values())}{rest}. Arms compare fairly "
+            "only where these commits train them alike.")
 
 
 def _redraws(draws: ImageDraws) -> int:

@@ -196,10 +196,14 @@ def test_code_note_names_every_commit(tmp_path: Path) -> None:
         run_dir = tmp_path / f"c{i}"
         run_dir.mkdir()
         (run_dir / SUMMARY_FILE).write_text(json.dumps({"code_version": version} if version else {}))
-        rows.append({"cell_id": f"c{i}", "run_dir": str(run_dir)})
+        rows.append({"cell_id": f"c{i}", "run_dir": str(run_dir), "arm": ["x", "y", "z"][i]})
     df = pd.DataFrame(rows)
-    assert code_note(df) == (f"Code: cells from 2 commits: {'a' * 12} (with local changes), {'b' * 12}, and 1 cell "
-                             "with no recorded version; a table should come from one.")  # fmt: skip
+    assert code_note(df) == (f"Code: cells from 2 commits: {'a' * 12} (with local changes) (x); {'b' * 12} (y), and 1 "
+                             "cell with no recorded version. Arms compare fairly only where these commits train them "
+                             "alike.")  # fmt: skip
+    assert code_note(df.iloc[[0, 2]]) == (f"Code: cells from 1 commit: {'a' * 12} (with local changes), and 1 cell "
+                                          "with no recorded version. Arms compare fairly only where these commits "
+                                          "train them alike.")  # fmt: skip
     assert code_note(df.iloc[[0]]) == f"Code: every cell trained at commit {'a' * 12} (with local changes)."
     assert code_note(df.iloc[[2]]) == "Code version: not recorded."
 
