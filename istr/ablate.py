@@ -288,6 +288,7 @@ def ablate_command(args: argparse.Namespace) -> None:
     """The axis sweeps (fixed or ``--seeds auto`` seeds, module docstring), then the tables and figures."""
     from analysis import plots, tables
     from analysis.load import load_codec_report
+    from analysis.summary import write_summary
     from istr.axes import CODEC_AXES
     from istr.reports.codec import codec_upper_bounds
     from istr.reports.overlays import write_overlays
@@ -321,11 +322,14 @@ def ablate_command(args: argparse.Namespace) -> None:
     rule["n_reached"] = {axis: n_reached(df, axis, arms[axis]) for axis in axes}
     atomic_write_json(rule_path, rule)
     report = load_codec_report(codec_upper_bounds(load_config(preset, args.sets), df, CODEC_AXES, out))
-    print(tables.format_tables(tables.write_tables(df, out, report, defaults, rule, args.delta)))
+    written = tables.write_tables(df, out, report, defaults, rule, args.delta)
+    print(tables.format_tables(written))
+    write_summary(written, {axis: len(_grid(axis, preset, seeds[axis], tuple(args.sets))) for axis in axes}, out)
     plots.write_figures(df, out / "figures", report, defaults=defaults)
     write_overlays(with_checkpoints(df, root), out / "figures", defaults=defaults)
     print_separation(df, axes, defaults)
-    print(f"results: tables in {out}/ (*.md, *.tex, *.csv), figures in {out / 'figures'}/, seed rule in {rule_path}")
+    print(f"results: tables in {out}/ (*.md, *.tex, *.csv; their short form in summary.md), figures in "
+          f"{out / 'figures'}/, seed rule in {rule_path}")
     exit_if_any_unfinished(counts)
 
 

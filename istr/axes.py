@@ -35,6 +35,7 @@ class Axis:
     name: str  # the spec's file stem and the results' ``axis`` column
     keys: tuple[str, ...]  # the config keys its spec sweeps (every parameter but the seed)
     registry: str | None  # "module:NAME" of the dict from arm name to what computes it; None: plain values
+    title: str = ""  # what the paper's table ablates, as a heading
     codec: bool = False  # its arms are codecs (type, dim): the codec upper-bound table reads these axes
 
     @property
@@ -56,11 +57,11 @@ class Axis:
 
 # The paper's order (its Tables 1-4).
 AXES: tuple[Axis, ...] = (
-    Axis("embedding", ("codec.type",), "istr.codecs:CODECS", codec=True),
-    Axis("embedding_dim", ("codec.dim",), None, codec=True),
-    Axis("mask_cost", ("matcher.mask_cost",), "istr.matcher:MASK_COSTS"),
-    Axis("loss", ("loss.mask",), "istr.losses:MASK_LOSSES"),
-    Axis("attention", ("model.attention",), "istr.model.head:ATTENTIONS"),
+    Axis("embedding", ("codec.type",), "istr.codecs:CODECS", "Mask embedding (type, l = 60)", codec=True),
+    Axis("embedding_dim", ("codec.dim",), None, "Mask embedding dimension l (PCA)", codec=True),
+    Axis("mask_cost", ("matcher.mask_cost",), "istr.matcher:MASK_COSTS", "Mask matching cost"),
+    Axis("loss", ("loss.mask",), "istr.losses:MASK_LOSSES", "Mask loss"),
+    Axis("attention", ("model.attention",), "istr.model.head:ATTENTIONS", "Attention"),
 )
 AXIS_NAMES: tuple[str, ...] = tuple(a.name for a in AXES)
 CODEC_AXES: tuple[str, ...] = tuple(a.name for a in AXES if a.codec)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from analysis.summary import ABLATION_SUMMARY_FILE
 from tests.conftest import REPO
 
 EXPERIMENT = REPO / "results" / "tiny"
+README_BLOCK = ("<!-- ablation tables: begin -->", "<!-- ablation tables: end -->")
 
 
 def _tables_command() -> list[str]:
@@ -48,3 +50,13 @@ def test_make_tables_rebuilds_the_committed_tables_byte_for_byte(tmp_path):
     assert sorted(rebuilt) == sorted(committed)
     differ = [name for name in committed if rebuilt[name] != committed[name]]
     assert not differ, f"make tables wrote other bytes than results/tiny holds: {differ}"
+
+
+def test_the_readme_shows_the_committed_summary():
+    readme = (REPO / "README.md").read_text()
+    begin, end = README_BLOCK
+    shown = readme[readme.index(begin) + len(begin) : readme.index(end)]
+    assert shown.strip() == (EXPERIMENT / ABLATION_SUMMARY_FILE).read_text().strip(), (
+        f"README.md's ablation tables differ from results/tiny/{ABLATION_SUMMARY_FILE}: paste that file between "
+        "the markers after `make tables`"
+    )
