@@ -10,6 +10,11 @@ from analysis.notes import ARM_SD, DASH, MISSING, NO_TEST, NO_VAL
 from istr.io import atomic_write_text
 
 
+def format_p(p: float) -> str:
+    """A p-value as every table prints it."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _is_best(table: pd.DataFrame, label: str, col: str) -> bool:
     return label in table.attrs.get("best", {}).get(col, [])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.render import format_p
 from analysis.stats import ALPHA
 from istr.axes import axis as find_axis
 from istr.io import atomic_write_text
@@ -40,14 +41,10 @@ def verdict(numbers: pd.DataFrame, cells: int, expected: int) -> str:
     above = separated["delta_segm_AP"] > 0
     head = "reversed" if above.any() else ("reproduced" if rest.empty else "partly reproduced")
     parts = [f"{r.arm} {'above' if r.delta_segm_AP > 0 else 'below'} the default by {abs(r.delta_segm_AP):.1f} AP "
-             f"(p {_p(r.p)})" for r in separated.itertuples()]  # fmt: skip
+             f"(p {format_p(r.p)})" for r in separated.itertuples()]  # fmt: skip
     if not rest.empty:
         parts.append(f"{', '.join(rest['arm'])} not separable at n = {n} (MDE ≤ {mdes.max():.1f} AP)")
     return f"**{head}**: " + "; ".join(parts)
-
-
-def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
 def axis_summary(axis: str, numbers: pd.DataFrame, expected: int) -> str:
@@ -64,7 +61,7 @@ def axis_summary(axis: str, numbers: pd.DataFrame, expected: int) -> str:
         n = int(r.segm_AP_n)
         ap = f"{r.segm_AP_mean:.1f} ± {r.segm_AP_ci95:.1f}" if n > 1 else (f"{r.segm_AP_mean:.1f}" if n else "—")
         delta = "" if r.is_default else ("—" if math.isnan(r.delta_segm_AP) else f"{r.delta_segm_AP:+.1f}")
-        p = "" if r.is_default or math.isnan(r.p) else ("<0.001" if r.p < 0.001 else f"{r.p:.2f}")
+        p = "" if r.is_default or math.isnan(r.p) else format_p(r.p)
         mde = "—" if math.isnan(r.mde_segm_AP) else f"{r.mde_segm_AP:.1f}"
         lines.append(f"| {r.arm} | {ap} | {delta} | {p} | {mde} | {n} |")
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ from analysis.notes import (
     seed_note,
     val_note,
 )
-from analysis.render import to_markdown, write_table
+from analysis.render import format_p, to_markdown, write_table
 from analysis.stats import (
     arm_order,
     default_arm,
@@ -79,10 +79,6 @@ def _fmt_cell(mean: float, ci95: float, n: int) -> str:
     if n == 1:
         return f"{mean:.1f} (n=1)"
     return f"{mean:.1f} ± {ci95:.1f} (n={n})"
-
-
-def _fmt_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _fmt_num(value: float, digits: int, absent: str) -> str:
@@ -168,7 +164,7 @@ def axis_table(
             elif math.isnan(pr["p"]):
                 row[p_col] = DASH + NO_TEST
             else:
-                row[p_col] = _fmt_p(float(pr["p"]))
+                row[p_col] = format_p(float(pr["p"]))
         num.update(_mde_numbers(pr, describe(g["segm_AP"]), own_var))
         row[SD_COL] = _fmt_num(num["segm_AP_sd"], 2, NO_TEST)
         row[VAL_SD_COL] = _fmt_num(num["sd_val"], 2, MISSING if draws is not None else NO_VAL)
