@@ -78,20 +78,20 @@ def code_note(df: pd.DataFrame) -> str:
     arms: dict[str, set[str]] = {}
     unrecorded = 0
     cells = df.dropna(subset=["cell_id"]).drop_duplicates("cell_id")
-    for run_dir, arm in zip(cells["run_dir"], cells["arm"] if "arm" in cells else [None] * len(cells)):
+    for run_dir, arm in zip(cells["run_dir"], cells["arm"]):
         version = _code_version(run_dir)
         if version is None:
             unrecorded += 1
             continue
         dirty[version[0]] = dirty.get(version[0], False) or version[1]
-        arms.setdefault(version[0], set()).update([str(arm)] if arm is not None and not pd.isna(arm) else [])
+        arms.setdefault(version[0], set()).add(str(arm))
     if not dirty:
         return "Code version: not recorded."
     named = {commit: commit[:12] + (" (with local changes)" if dirty[commit] else "") for commit in sorted(dirty)}
     if len(named) == 1 and not unrecorded:
         return f"Code: every cell trained at commit {next(iter(named.values()))}."
     if len(named) > 1:
-        named = {c: name + (f" ({', '.join(sorted(arms[c]))})" if arms[c] else "") for c, name in named.items()}
+        named = {c: f"{name} ({', '.join(sorted(arms[c]))})" for c, name in named.items()}
     plural = "s" if len(named) > 1 else ""
     rest = f", and {unrecorded} cell{'s' if unrecorded > 1 else ''} with no recorded version" if unrecorded else ""
     return (f"Code: cells from {len(named)} commit{plural}: {'; '.join(named.values())}{rest}. Arms compare fairly "
