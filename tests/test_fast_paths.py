@@ -169,3 +169,80 @@ def test_frozen_batch_norm_keeps_the_input_dtype_and_torchvisions_fp32_numbers()
     assert torch.equal(ours(x), reference(x))
     assert reference(x.bfloat16()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
     torch.testing.assert_close(ours(x.bfloat16()).float(), reference(x), rtol=2e-2, atol=2e-2)
+
+
+def test_elu_matches_torchs_values_and_gradients():
+    """cpu_ops.ELU vs F.elu (alpha 1), fp32: values within 1e-6 (fp32 rounding of exp(x) - 1 vs expm1), the
+    same gradients; a bf16 input stays bf16."""
+    from istr.model.cpu_ops import ELU
+
+    x = torch.cat([torch.linspace(-30, 5, 701), torch.tensor([0.0, -1e-8, 1e-8])])
+    ours, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    out, expected = ELU()(ours), torch.nn.functional.elu(plain)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-6, atol=1e-6)
+    assert ELU()(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_channels_last_max_pool_is_torchs_bit_for_bit():
+    """The stem's pooling through a channels-last copy: the same values and input gradients as nn.MaxPool2d."""
+    from istr.model.cpu_ops import ChannelsLastMaxPool2d
+
+    x = torch.randn(2, 5, 13, 11, generator=torch.Generator().manual_seed(0))
+    ours, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ChannelsLastMaxPool2d(3, 2, 1)(ours), torch.nn.MaxPool2d(3, 2, 1)(plain)
+    assert out.is_contiguous() and torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(ours.grad, plain.grad)
+
+
+@pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no native bf16: train.amp runs fp32 on it")
+@pytest.mark.parametrize(("in_channels", "stride", "side", "im2col"), [
+    (16, 1, 3, True), (8, 2, 6, True), (8, 2, 7, True), (8, 1, 5, False)])  # fmt: skip
+def test_small_map_convolution_matches_the_stock_one_under_bf16(in_channels, stride, side, im2col):
+    """SmallMapConv2d under CPU bf16 autocast vs nn.Conv2d under it, same weights: output and both gradients
+    within bf16 rounding (2e-2 of their scale). It runs as a matrix product only for maps of at most
+    SMALL_MAP_PIXELS outputs, and in fp32 it is the stock convolution bit for bit."""
+    from istr.model.cpu_ops import SmallMapConv2d
+
+    gen = torch.Generator().manual_seed(0)
+    stock = torch.nn.Conv2d(in_channels, 12, 3, stride, 1)
+    ours = SmallMapConv2d(in_channels, 12, 3, stride, 1)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(4, in_channels, side, side, generator=gen)
+    grad = None
+    results = []
+    for conv in (stock, ours):
+        leaf = x.clone().requires_grad_()
+        with autocast(torch.device("cpu"), enabled=True):
+            out = conv(leaf)
+        grad = torch.randn(out.shape, generator=gen) if grad is None else grad
+        out.backward(grad.to(out.dtype))
+        results.append((out.detach().float(), leaf.grad, conv.weight.grad, conv.bias.grad, type(out.grad_fn).__name__))
+    for name, got, expected in zip(("output", "input grad", "weight grad", "bias grad"), results[1], results[0],
+                                   strict=False):  # fmt: skip
+        assert got.dtype == expected.dtype, name
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * scale, msg=name)
+    assert (results[1][4] != results[0][4]) == im2col  # the matrix product ran where the map is small
+    assert torch.equal(ours(x), stock(x))  # fp32: the stock convolution
+
+
+def test_the_backbone_and_heads_use_the_cpu_ops(tiny_cfg):
+    """build_model swaps in the faster CPU ops, keeping torchvision's parameter names."""
+    from torchvision.models import resnet18
+
+    from istr.model import build_model
+    from istr.model.cpu_ops import ELU, ChannelsLastMaxPool2d, SmallMapConv2d
+
+    model = build_model(tiny_cfg.model, 3, 8)
+    body = model.backbone.body
+    assert type(body.maxpool) is ChannelsLastMaxPool2d
+    assert all(type(m) is SmallMapConv2d for m in body.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not any(type(m) is torch.nn.ELU for m in model.modules()) and any(type(m) is ELU for m in model.modules())
+    torchvision_keys = {k for k in resnet18().state_dict() if not k.startswith("fc.")}
+    assert torchvision_keys <= set(body.state_dict())

@@ -16,6 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from istr.model import ISTR
 from istr.model.backbone import BackboneFPN
+from istr.model.cpu_ops import ELU
 from istr.model.head import ATTENTIONS, DynamicConv, QuerySelfAttention, StaticConv, apply_deltas
 
 from .conftest import CODE_DIM, NUM_CLASSES, make_model, num_params
@@ -257,7 +258,7 @@ def test_class_and_box_towers_are_three_linear_ln_elu_blocks(tiny_cfg):
     stage = make_model(tiny_cfg).stages[0]
     for tower in (stage.cls_tower, stage.reg_tower, stage.mask_tower):
         kinds = [type(m) for m in tower]
-        assert kinds == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.ELU] * 3
+        assert kinds == [torch.nn.Linear, torch.nn.LayerNorm, ELU] * 3
     one = make_model(tiny_cfg, head_layers=1).stages[0]
     assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in stage.parameters())
 

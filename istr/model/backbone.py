@@ -15,6 +15,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
+from istr.model.cpu_ops import use_cpu_ops
+
 RESNETS = {
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
@@ -58,6 +60,7 @@ class BackboneFPN(nn.Module):
             body, return_layers={"layer1": "p2", "layer2": "p3", "layer3": "p4", "layer4": "p5"}
         )
         self.fpn = FeaturePyramidNetwork(stage_channels, out_channels)
+        use_cpu_ops(self)  # the same computation, faster CPU kernels (istr/model/cpu_ops.py)
         self.out_channels = out_channels
         self.strides = (4, 8, 16, 32)
         if weights is not None:

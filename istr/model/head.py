@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from istr.model.cpu_ops import ELU
 from istr.registry import pick
 
 # detectron2's Box2BoxTransform clamp: exp() of larger deltas would overflow.
@@ -210,9 +211,9 @@ class ISTRStage(nn.Module):
         self.norm_ffn = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
         # Class, box and mask towers: 3 x (Linear-LN-ELU) each, as the authors' first release.
-        self.cls_tower = _mlp_tower(hidden_dim, head_layers, nn.ELU)
-        self.reg_tower = _mlp_tower(hidden_dim, head_layers, nn.ELU)
-        self.mask_tower = _mlp_tower(hidden_dim, head_layers, nn.ELU)
+        self.cls_tower = _mlp_tower(hidden_dim, head_layers, ELU)
+        self.reg_tower = _mlp_tower(hidden_dim, head_layers, ELU)
+        self.mask_tower = _mlp_tower(hidden_dim, head_layers, ELU)
         self.class_logits = nn.Linear(hidden_dim, num_classes)
         self.box_deltas = nn.Linear(hidden_dim, 4)
         self.code_head = nn.Linear(hidden_dim, code_dim)
