@@ -151,11 +151,16 @@ class _SparseProduct(torch.autograd.Function):
 
 
 def transpose_csr(matrix: Tensor) -> Tensor:
-    """The CSR transpose of a CSR matrix: entries sorted by column (duplicate entries stay; products sum them)."""
-    rows = torch.arange(matrix.shape[0], device=matrix.device).repeat_interleave(matrix.crow_indices().diff())
+    """The CSR transpose of a CSR matrix: entries sorted by column (duplicate entries stay; products sum them).
+
+    Indices keep the matrix's index dtype; int32 indices sort in about half the time of int64 ones.
+    """
+    index_dtype = matrix.col_indices().dtype
+    rows = torch.arange(matrix.shape[0], device=matrix.device, dtype=index_dtype)
+    rows = rows.repeat_interleave(matrix.crow_indices().diff())
     cols = matrix.col_indices()
     order = torch.argsort(cols)
-    crow = torch.zeros(matrix.shape[1] + 1, dtype=torch.int64, device=matrix.device)
+    crow = torch.zeros(matrix.shape[1] + 1, dtype=index_dtype, device=matrix.device)
     crow[1:] = torch.bincount(cols, minlength=matrix.shape[1]).cumsum(0)
     return _csr(crow, rows[order], matrix.values()[order], (matrix.shape[1], matrix.shape[0]))
 
@@ -229,9 +234,11 @@ class SparsePooler(Pooler):
         cols = row_start[:, :, None, :, None] + ix[:, None, :, None, :]
         vals = (wy[:, :, None, :, None] * wx[:, None, :, None, :]) / r**2
         per_row = 4 * r * r
-        crow = torch.arange(0, cols.numel() + 1, per_row, device=boxes.device)
         num_pixels = int(level_pixels[used].sum())
-        return _csr(crow, cols.flatten(), vals.flatten(), (cols.numel() // per_row, num_pixels))
+        # int32 indices where they fit: the backward's transpose sorts them (transpose_csr)
+        index_dtype = torch.int32 if max(cols.numel(), num_pixels) < 2**31 else torch.int64
+        crow = torch.arange(0, cols.numel() + 1, per_row, device=boxes.device, dtype=index_dtype)
+        return _csr(crow, cols.flatten().to(index_dtype), vals.flatten(), (cols.numel() // per_row, num_pixels))
 
     def forward(self, prepared: LevelPixels, boxes: Tensor) -> Tensor:
         """(:meth:`prepare` output, boxes [B,k,4]) -> RoI tokens [B*k, S*S, C]."""
