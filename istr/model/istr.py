@@ -136,7 +136,8 @@ class ISTR(nn.Module):
         for stage in self.stages:
             # docs/method.md#architecture: boxes are detached BETWEEN stages; stage 0's loss trains the query boxes.
             stage_boxes = boxes.detach() if outputs else boxes
-            rois = self.pooler(pooler_input, stage_boxes.detach().to(features["p2"].dtype))  # [B*k, S*S, d]
+            # fp32 boxes even under bf16 autocast: bf16 would round the sampling points to 0.25-0.5 px at 32-128 px
+            rois = self.pooler(pooler_input, stage_boxes.detach())  # [B*k, S*S, d]
             out = stage(queries, rois, stage_boxes)
             queries, boxes = out.pop("queries"), out["boxes"]
             outputs.append(out)
