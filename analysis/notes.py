@@ -124,9 +124,11 @@ def codec_val_note(draws: ImageDraws) -> str:
 
 def mde_target_note(numbers: list[dict[str, Any]], target: float) -> str:
     """Whether every arm's MDE reaches `target` AP; if not, which arms miss it, and the n of pairs that would
-    reach it at the SD each arm measured (`stats.needed_n`)."""
+    reach it at the SD each arm measured (`stats.needed_n`); or that no arm has an MDE (one seed per arm)."""
     missed = [(num["arm"], num["mde_segm_AP"], needed_n(target, num["mde_sd"])) for num in numbers
               if math.isfinite(num["mde_segm_AP"]) and num["mde_segm_AP"] > target]  # fmt: skip
+    if not any(math.isfinite(num["mde_segm_AP"]) for num in numbers):
+        return f"MDE target {target:g} AP: no arm has an MDE at this n (it needs at least 2 pairs of seeds)."
     if not missed:
         return f"MDE target {target:g} AP: every arm with an MDE reaches it."
     arms = "; ".join(f"{arm} {size:.1f} AP (about {n} seeds would reach it)" for arm, size, n in missed)

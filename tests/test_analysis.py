@@ -345,3 +345,4 @@ def test_mde_target_note_names_the_arms_above_it_and_the_seeds_they_need() -> No
     assert "b 4.0 AP" in note and "a (default)" not in note and "c " not in note
     assert f"about {needed_n(1.5, 2.4)} seeds" in note
     assert "every arm" in mde_target_note(numbers[:1], 1.5)
+    assert "no arm has an MDE" in mde_target_note(numbers[2:], 1.5)  # one seed per arm, as in `make demo`

@@ -198,6 +198,8 @@ def test_channels_last_max_pool_is_torchs_bit_for_bit():
     out.sum().backward()
     expected.sum().backward()
     assert torch.equal(ours.grad, plain.grad)
+    channels_last = x.contiguous(memory_format=torch.channels_last)  # e.g. train.channels_last: it stays so
+    assert ChannelsLastMaxPool2d(3, 2, 1)(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no native bf16: train.amp runs fp32 on it")

@@ -39,16 +39,20 @@ class _ELUFunction(torch.autograd.Function):
 
 
 class ELU(nn.Module):
-    """``nn.ELU()`` (alpha 1) with a vectorised forward; the backward is torch's ELU backward from the output."""
+    """``nn.ELU()`` (alpha 1) with a vectorised forward on the CPU (torch's ELU backward, from the output);
+    torch's own ELU on other devices, where it is one fast kernel."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _ELUFunction.apply(x)
+        return _ELUFunction.apply(x) if x.device.type == "cpu" else F.elu(x)
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` computed on a channels-last copy of the input; the values are the stock op's."""
+    """``nn.MaxPool2d`` of a contiguous NCHW map on the CPU, computed on a channels-last copy; the values are the
+    stock op's. Other inputs (a channels-last map, as on the GPU with ``train.channels_last``) pool as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or not x.is_contiguous():
+            return super().forward(x)
         return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
@@ -63,8 +67,8 @@ def _output_size(size: torch.Size, kernel: tuple[int, ...], stride: tuple[int, .
 
 class _Im2colConvolution(torch.autograd.Function):
     """``conv2d(x, weight)`` (groups 1, zero padding) in ``x``'s dtype as one matrix product of the weight with
-    the input's patches (im2col), rows = (image, output pixel); both gradients are matrix products too. The
-    weight's gradient comes back in the weight's own dtype, cast while it is still in cache."""
+    the input's patches (im2col), rows = (image, output pixel); both gradients are matrix products too, and the
+    weight's gradient comes back in the weight's own dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
