@@ -5,6 +5,7 @@ import torch
 
 from istr.model.backbone import LEVEL_NAMES
 from istr.model.pooler import POOLERS, assign_levels
+from tests.conftest import make_model
 
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
 
@@ -96,8 +97,6 @@ def test_bf16_features_are_pooled_at_fp32_box_coordinates(name, tiny_cfg):
     """Under CPU bf16 autocast the model hands the pooler fp32 boxes, and every pooler samples at them: its RoI
     features stay within bf16 rounding of the fp32 pooling (measured 0.006 on unit-variance features; boxes
     rounded to bf16 move the sampling points by up to 0.5 px and gave 0.08-0.14)."""
-    from tests.conftest import make_model
-
     gen = torch.Generator().manual_seed(0)
     features = {n: torch.randn(2, 16, 96 // STRIDES[n], 96 // STRIDES[n], generator=gen) for n in LEVEL_NAMES}
     boxes = torch.tensor([[[10.3, 12.7, 50.1, 60.9], [0.5, 1.5, 90.2, 95.0]]] * 2)
